@@ -1,0 +1,259 @@
+"""The async client: one gateway, one dialect, pooled connections, retries, rate limit, verified images."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from imagegen_provider import __version__
+from imagegen_provider.transport.download import DEFAULT_MAX_IMAGE_BYTES, ImageDownloader
+from imagegen_provider.transport.ratelimit import RateLimiter, RateLimits
+from imagegen_provider.transport.retry import RetryPolicy, parse_retry_after
+from imagegen_provider.wire.dialects import Dialect, get_dialect
+from imagegen_provider.wire.errors import (
+    GatewayConnectionError,
+    ImageGenError,
+    RateLimitError,
+    error_from_response,
+    redact,
+)
+from imagegen_provider.wire.imageinfo import inspect_image
+from imagegen_provider.wire.normalize import normalize_response, normalize_stream
+from imagegen_provider.wire.request import ImageRequest
+from imagegen_provider.wire.result import GeneratedImage, GenerationResult, ImageInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Connect fails fast; read waits long, because image generation can take over two minutes."""
+
+    connect: float = 10.0
+    read: float = 300.0
+    write: float = 30.0
+    pool: float | None = None
+
+    def to_httpx(self) -> httpx.Timeout:
+        return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
+
+
+@dataclass(frozen=True)
+class VerifiedImage:
+    """An image whose bytes we hold and whose header decoded."""
+
+    data: bytes = field(repr=False)
+    info: ImageInfo
+    revised_prompt: str | None = None
+    #: The URL it was downloaded from, when the gateway returned a URL.
+    source_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The outcome of one successful ``generate`` call."""
+
+    images: list[VerifiedImage]
+    result: GenerationResult
+    attempts: int
+    #: Time of the successful HTTP exchange (request sent → body read), in milliseconds.
+    latency_ms: float
+    #: Time spent waiting on the rate limiter, across attempts.
+    queued_ms: float
+    #: Request fields the dialect could not carry.
+    dropped_fields: tuple[str, ...] = ()
+
+
+class ImageGenClient:
+    """Async client for ``POST {base_url}/images/generations`` in one dialect.
+
+    :param base_url: includes the version prefix, as in the OpenAI SDK (``https://api.openai.com/v1``).
+    :param api_key: sent as ``Authorization: Bearer``; never logged, never in errors.
+    :param dialect: ``openai``, ``indoxhub`` or ``router``.
+    :param accepts_seed: whether the gateway takes ``seed`` (default: the dialect's documented behaviour).
+    :param limiter: share one limiter between clients of the same gateway; built from ``limits`` otherwise.
+    :param transport: httpx transport, e.g. ``httpx.ASGITransport`` for the in-process gateway.
+    :param keep_partial_images: keep the partial images of streamed responses.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        dialect: str | Dialect = "openai",
+        accepts_seed: bool | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        limits: RateLimits | None = None,
+        limiter: RateLimiter | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        download_transport: httpx.AsyncBaseTransport | None = None,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        keep_partial_images: bool = False,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.dialect = get_dialect(dialect)
+        self.accepts_seed = accepts_seed
+        self.retry = retry or RetryPolicy()
+        self.limiter = limiter or RateLimiter(limits or RateLimits())
+        self.keep_partial_images = keep_partial_images
+        self._api_key = api_key
+        timeouts = timeouts or Timeouts()
+        pool = max(4, self.limiter.limits.max_in_flight)
+        headers = {"User-Agent": f"airflow-provider-imagegen/{__version__}"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.AsyncClient(
+            timeout=timeouts.to_httpx(),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            headers=headers,
+            transport=transport,
+        )
+        self._downloader = ImageDownloader(max_bytes=max_image_bytes, transport=download_transport)
+
+    @property
+    def api_key_for_redaction(self) -> str | None:
+        """The key, so that callers can scrub it from their own messages. Never log it."""
+        return self._api_key
+
+    @property
+    def endpoint(self) -> str:
+        return self.base_url + self.dialect.path
+
+    async def __aenter__(self) -> ImageGenClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._downloader.aclose()
+        await self.limiter.aclose()
+
+    def _secrets(self, request: ImageRequest | None = None) -> list[str | None]:
+        secrets = [self._api_key]
+        if request is not None and request.byok_api_key is not None:
+            secrets.append(request.byok_api_key.get_secret_value())
+        return secrets
+
+    # -- public API ----------------------------------------------------------------------------
+
+    async def generate(self, request: ImageRequest) -> Generation:
+        """Generate the images of ``request``, retrying what is worth retrying.
+
+        :raises ImageGenError: the final error; its ``attempts`` says how many requests were sent.
+        """
+        wire = self.dialect.build_body(request, accepts_seed=self.accepts_seed)
+        attempts = 0
+        queued = 0.0
+        try:
+            async for attempt in self.retry.retrying():
+                with attempt:
+                    attempts += 1
+                    queued += await self.limiter.acquire(images=request.n)
+                    result, latency = await self._send(request, wire.json)
+                    # Inline images are checked inside the retry: a corrupt one is lost either way, and
+                    # asking again is the quickest way to get it.
+                    inline = [
+                        inspect_image(image.data, request_id=result.request_id) if image.data is not None else None
+                        for image in result.images
+                    ]
+        except ImageGenError as exc:
+            exc.attempts = attempts
+            raise
+        try:
+            images = [await self._verified(image, info, result) for image, info in zip(result.images, inline)]
+        except ImageGenError as exc:
+            exc.attempts = attempts
+            exc.paid_result = result
+            raise
+        return Generation(
+            images=images,
+            result=result,
+            attempts=attempts,
+            latency_ms=latency * 1000.0,
+            queued_ms=queued * 1000.0,
+            dropped_fields=wire.dropped,
+        )
+
+    async def list_models(self) -> list[str]:
+        """``GET {base_url}/models``: the cheapest call that proves the URL and the key work."""
+        try:
+            response = await self._http.get(self.base_url + "/models")
+        except httpx.TransportError as exc:
+            raise GatewayConnectionError(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise error_from_response(response.status_code, response.content, secrets=self._secrets())
+        payload = response.json()
+        data = payload.get("data") if isinstance(payload, dict) else None
+        return [str(m.get("id")) for m in data or [] if isinstance(m, dict)]
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    async def _send(self, request: ImageRequest, body: dict[str, Any]) -> tuple[GenerationResult, float]:
+        secrets = self._secrets(request)
+        async with self.limiter.in_flight():
+            started = time.monotonic()
+            try:
+                if request.stream:
+                    result = await self._send_streaming(body, secrets)
+                else:
+                    response = await self._http.post(self.endpoint, json=body)
+                    await self._check(response, secrets)
+                    result = normalize_response(response.content, headers=response.headers, secrets=secrets)
+            except httpx.TransportError as exc:
+                # Timeouts, resets, dropped connections. The message is the exception class only: httpx
+                # messages can quote the request.
+                error = GatewayConnectionError(f"{type(exc).__name__} talking to {self.endpoint}")
+                log.warning("Attempt failed: %s", error)
+                raise error from None
+            except ImageGenError as exc:
+                log.warning("Attempt failed: %s", redact(str(exc), secrets))
+                raise
+            return result, time.monotonic() - started
+
+    async def _check(self, response: httpx.Response, secrets: list[str | None]) -> None:
+        self.limiter.observe_headers(response.headers)
+        if response.status_code == 200:
+            return
+        error = error_from_response(
+            response.status_code,
+            response.content,
+            request_id=response.headers.get("x-request-id"),
+            retry_after=parse_retry_after(response.headers),
+            secrets=secrets,
+        )
+        if isinstance(error, RateLimitError):
+            # Pause every waiting request now, instead of letting each of them hit the wall in turn.
+            await self.limiter.on_rate_limited(error.retry_after)
+        raise error
+
+    async def _send_streaming(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:
+        async with aconnect_sse(self._http, "POST", self.endpoint, json=body) as source:
+            response = source.response
+            if response.status_code != 200:
+                await response.aread()
+            await self._check(response, secrets)
+            if "text/event-stream" not in response.headers.get("content-type", ""):
+                # Providers without native streaming ignore the flag and answer with a buffered body.
+                await response.aread()
+                return normalize_response(response.content, headers=response.headers, secrets=secrets)
+            events = [(sse.event, sse.data) async for sse in source.aiter_sse()]
+        return normalize_stream(events, headers=response.headers, keep_partials=self.keep_partial_images)
+
+    async def _verified(self, image: GeneratedImage, info: ImageInfo | None, result: GenerationResult) -> VerifiedImage:
+        data = image.data
+        if data is None:
+            # Downloads happen outside the generation retry: the image is paid for, regenerating would pay
+            # again; the downloader retries the image host itself.
+            data = await self._downloader.fetch(image.url or "")
+            info = inspect_image(data, request_id=result.request_id)
+        assert info is not None
+        return VerifiedImage(data=data, info=info, revised_prompt=image.revised_prompt, source_url=image.url)

@@ -1,0 +1,78 @@
+"""When and how long to retry: tenacity, with a wait that honours the gateway's Retry-After."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from imagegen_provider.wire.errors import ImageGenError
+
+#: Retry-After values beyond this are capped: an image batch would rather fail one image than sleep for hours.
+MAX_RETRY_AFTER_SECONDS = 300.0
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (OpenAI), or ``Retry-After`` as seconds or an HTTP date."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """408, 429, 5xx, timeouts and dropped connections are retried; 400/401/402/403/404 are not."""
+    if isinstance(exc, ImageGenError):
+        return exc.retryable
+    return isinstance(exc, httpx.TransportError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    max_retry_after: float = MAX_RETRY_AFTER_SECONDS
+
+    def wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            # The gateway said when; a little jitter keeps retries from landing together.
+            return min(self.max_retry_after, retry_after) + 0.05 * (state.attempt_number % 5)
+        return wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)(state)
+
+    def retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(max(1, self.max_attempts)),
+            wait=self.wait,
+            retry=retry_if_exception(is_retryable),
+            reraise=True,
+        )
