@@ -54,7 +54,7 @@ class FinalizeReport:
 
 
 def _expected_keys(
-    prompts: str,
+    prompts: Any,
     *,
     columns: PromptColumns,
     images_per_prompt: int,
@@ -65,9 +65,9 @@ def _expected_keys(
 
 
 def finalize_output(
-    output: str,
+    output: Any,
     *,
-    prompts: str | None = None,
+    prompts: Any = None,
     prompt_column: str = "prompt",
     id_column: str = "id",
     images_per_prompt: int = 1,

@@ -86,7 +86,7 @@ class PromptTable:
 
     @classmethod
     def open(
-        cls, url: str, *, columns: PromptColumns | None = None, storage_options: Mapping[str, Any] | None = None
+        cls, url: Any, *, columns: PromptColumns | None = None, storage_options: Mapping[str, Any] | None = None
     ) -> PromptTable:
         location = StorageLocation.from_url(url, storage_options)
         try:

@@ -51,8 +51,8 @@ class RunConfig:
     :param labels: ``dag_id``/``task_id`` recorded on every row (set by the operator).
     """
 
-    prompts: str
-    output: str
+    prompts: Any
+    output: Any
     request_defaults: Mapping[str, Any] = field(default_factory=dict)
     prompt_column: str = "prompt"
     id_column: str = "id"

@@ -29,7 +29,13 @@ class StorageLocation:
     _made_dirs: set[str] = field(default_factory=set, repr=False)
 
     @classmethod
-    def from_url(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> StorageLocation:
+    def from_url(cls, url: Any, storage_options: Mapping[str, Any] | None = None) -> StorageLocation:
+        """From a URL string, or from any object with ``.fs`` and ``.path`` (Airflow's ``ObjectStoragePath``,
+        whose filesystem already carries the credentials of its connection)."""
+        if isinstance(url, StorageLocation):
+            return url
+        if not isinstance(url, str) and hasattr(url, "fs") and hasattr(url, "path"):
+            return cls(fs=url.fs, root=str(url.path).rstrip("/") or "/")
         fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
         return cls(fs=fs, root=root.rstrip("/") or "/")
 

@@ -1,0 +1,455 @@
+"""The gateway's ASGI app: three generation dialects, URL images, models, and a stats side door.
+
+Order of a generation request, chosen to match how real gateways behave and to keep tests predictable:
+
+1. auth (401) → 2. body + generic validation (400) → 3. content policy (400) → 4. rate limit (429,
+   immediate, before any latency) → 5. balance (402) → 6. fault draw; the request is charged now unless a
+   fault other than a dropped connection fires → 7. latency → 8. fault response or images.
+
+Requests rejected in steps 1-3 consume no rate-limit tokens.
+
+Faults (``GatewayConfig.fail_*_rate``, ``corrupt_b64_rate``, ``envelope_failure_rate``) are neither charged
+nor counted in ``images_generated``. A dropped connection (``drop_rate``) is: the image was made and paid
+for, only the response is lost; ``charged_images - images_generated`` in the stats is what clients paid
+for and never got. Over a socket the drop is a real aborted connection; under ``httpx.ASGITransport`` the
+client gets :class:`~imagegen_provider.gateway.responses.DroppedConnection`, an ``httpx.RemoteProtocolError``.
+
+Stats semantics: ``total_requests``/``by_status``/``by_route`` count every request except ``/_gateway/*``;
+``accepted_timeline`` counts successful (fault-free 200) generation requests per wall-clock second.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from imagegen_provider.gateway.config import GatewayConfig
+from imagegen_provider.gateway.faults import Fault, corrupt_base64
+from imagegen_provider.gateway.limiter import retry_after_headers
+from imagegen_provider.gateway.parsing import GenParams, ParseError, parse_request
+from imagegen_provider.gateway.pricing import Usage, compute_usage
+from imagegen_provider.gateway.render import RenderSpec
+from imagegen_provider.gateway.responses import (
+    DroppedConnection,
+    DroppingResponse,
+    ImageOut,
+    bad_gateway_html,
+    completed_event,
+    error_response,
+    indoxhub_body,
+    indoxhub_envelope_failure,
+    openai_body,
+    partial_event,
+    revised_prompt,
+    router_body,
+)
+from imagegen_provider.gateway.state import GatewayState
+
+GENERATION_ROUTES = {
+    "/v1/images/generations": "openai",
+    "/api/v1/images/generations": "indoxhub",
+    "/router/v1/images/generations": "router",
+}
+MODEL_ROUTES = {"/v1/models": "openai", "/api/v1/models": "indoxhub", "/router/v1/models": "router"}
+REQUEST_ID = "imagegen.request_id"
+# Images at least this big are rendered in a worker thread so the event loop keeps serving.
+THREAD_RENDER_PIXELS = 512 * 512
+
+CONTENT_POLICY_MESSAGE = "Your request was rejected as a result of our safety system."
+
+
+def _gateway(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+def _route_label(path: str) -> str:
+    if path.startswith("/files/"):
+        return "/files"
+    if path in GENERATION_ROUTES or path in MODEL_ROUTES or path == "/healthz":
+        return path
+    return "other"
+
+
+class Instrumentation:
+    """Pure ASGI middleware: an ``x-request-id`` on every response, and the wire counters.
+
+    Pure ASGI rather than ``BaseHTTPMiddleware`` so that streamed bodies pass through untouched and a
+    deliberately dropped connection still propagates to the server.
+    """
+
+    def __init__(self, app: ASGIApp, gateway: GatewayState) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope[REQUEST_ID] = request_id
+        path: str = scope["path"]
+        counted = not path.startswith("/_gateway")
+        generation = path in GENERATION_ROUTES
+        status: int | None = None
+        sent = 0
+        stats = self.gateway.stats
+        if counted:
+            stats.total_requests += 1
+            stats.by_route[_route_label(path)] += 1
+        if generation:
+            stats.in_flight += 1
+            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+
+        async def instrumented_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        # Counters are read from ``self.gateway.stats`` again at the end: /_gateway/reset swaps the object.
+        try:
+            await self.app(scope, receive, instrumented_send)
+        except DroppedConnection:
+            self.gateway.stats.dropped_connections += 1
+            self.gateway.stats.bytes_served += sent
+            raise
+        except Exception:
+            if counted and status is None:
+                self.gateway.stats.by_status[500] += 1
+            raise
+        else:
+            if counted and status is not None:
+                self.gateway.stats.by_status[status] += 1
+                self.gateway.stats.bytes_served += sent
+        finally:
+            if generation:
+                current = self.gateway.stats
+                current.in_flight = max(0, current.in_flight - 1)
+
+
+# --- auth ---------------------------------------------------------------------------------------------------
+
+
+def _auth_error(request: Request, dialect: str) -> Response | None:
+    """401 unless the request carries an acceptable bearer key. The key is never echoed."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    request_id = request.scope[REQUEST_ID]
+    if scheme.lower() != "bearer" or not key:
+        return error_response(
+            dialect,
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth.",
+            code="invalid_api_key",
+            request_id=request_id,
+        )
+    expected = _gateway(request).config.api_key
+    if expected is not None and not hmac.compare_digest(key.encode(), expected.encode()):
+        return error_response(
+            dialect, 401, "Incorrect API key provided", code="invalid_api_key", request_id=request_id
+        )
+    return None
+
+
+# --- images -------------------------------------------------------------------------------------------------
+
+
+def _spec(params: GenParams, index: int) -> RenderSpec:
+    return RenderSpec(
+        prompt=params.prompt,
+        seed=params.seed,
+        model=params.bare_model,
+        width=params.width,
+        height=params.height,
+        output_format=params.output_format,
+        quality=params.quality,
+        style=params.style,
+        negative_prompt=params.negative_prompt,
+        background=params.background,
+        compression=params.compression,
+        index=index,
+    )
+
+
+async def _render(gateway: GatewayState, spec: RenderSpec) -> bytes:
+    """Cached bytes without a thread hop; otherwise render once, however many requests want it at once
+    (a benchmark's first burst asks for the same uncached image dozens of times)."""
+    while True:
+        cached = gateway.renderer.cached(spec)
+        if cached is not None:
+            return cached
+        pending = gateway.rendering.get(spec)
+        if pending is None:
+            break
+        await pending.wait()
+    done = gateway.rendering[spec] = anyio.Event()
+    try:
+        if spec.width * spec.height >= THREAD_RENDER_PIXELS:
+            return await anyio.to_thread.run_sync(gateway.renderer, spec)
+        return gateway.renderer(spec)
+    finally:
+        del gateway.rendering[spec]
+        done.set()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _partial_specs(params: GenParams, spec: RenderSpec) -> list[RenderSpec]:
+    """Partial images are the same picture at lower resolution, growing towards the final one."""
+    specs = []
+    for index in range(params.partial_images):
+        divisor = 2 ** (params.partial_images - index + 1)
+        specs.append(replace(spec, width=max(16, spec.width // divisor), height=max(16, spec.height // divisor)))
+    return specs
+
+
+async def _images(request: Request, params: GenParams, *, corrupt: bool) -> list[ImageOut]:
+    gateway = _gateway(request)
+    revised = revised_prompt(params)
+    if corrupt:
+        # No rendering for a corrupted answer: its bytes can never be decoded anyway.
+        return [ImageOut(b64_json=corrupt_base64(f"image-{i}"), revised_prompt=revised) for i in range(params.n)]
+    out = []
+    for index in range(params.n):
+        spec = _spec(params, index)
+        data = await _render(gateway, spec)
+        if params.response_format == "url" and not params.stream:
+            extension = "jpg" if spec.output_format == "jpeg" else spec.output_format
+            token = gateway.files.put(data, spec.content_type, extension)
+            base = (gateway.config.public_base_url or str(request.base_url)).rstrip("/")
+            out.append(ImageOut(url=f"{base}/files/{token}", revised_prompt=revised))
+        else:
+            out.append(ImageOut(b64_json=_b64(data), revised_prompt=revised))
+    return out
+
+
+def _usage_payload(params: GenParams, usage: Usage) -> dict[str, Any]:
+    if params.dialect == "router":
+        return usage.router()
+    return usage.openai_gpt() if params.gpt else usage.openai_compatible()
+
+
+async def _stream_chunks(request: Request, params: GenParams, images: list[ImageOut], created: int) -> list[bytes]:
+    """Every SSE event of a streamed response. Each image's partials precede its completed event; each
+    completed event carries the usage of the images completed so far, so the last one holds the total."""
+    gateway = _gateway(request)
+    chunks: list[bytes] = []
+    for index, image in enumerate(images):
+        for partial_index, spec in enumerate(_partial_specs(params, _spec(params, index))):
+            chunks.append(partial_event(params, _b64(await _render(gateway, spec)), partial_index, created))
+        usage = compute_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, index + 1)
+        chunks.append(completed_event(params, image, _usage_payload(params, usage), created))
+    return chunks
+
+
+def _success_body(
+    request: Request, params: GenParams, images: list[ImageOut], usage: Usage, started: float
+) -> dict[str, Any]:
+    created = int(time.time())
+    if params.dialect == "indoxhub":
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        return indoxhub_body(params, images, usage, request.scope[REQUEST_ID], duration_ms)
+    if params.dialect == "router":
+        return router_body(params, images, usage, created)
+    return openai_body(params, images, usage, created)
+
+
+# --- the generation endpoint --------------------------------------------------------------------------------
+
+
+def _generation_endpoint(dialect: str) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await _generate(request, dialect)
+
+    endpoint.__name__ = f"generate_{dialect}"
+    return endpoint
+
+
+async def _generate(request: Request, dialect: str) -> Response:
+    started = time.perf_counter()
+    gateway = _gateway(request)
+    config = gateway.config
+    request_id: str = request.scope[REQUEST_ID]
+    gateway.stats.generation_requests += 1
+
+    denied = _auth_error(request, dialect)
+    if denied is not None:
+        return denied
+
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return error_response(
+            dialect, 400, "We could not parse the JSON body of your request.", code="invalid_json",
+            request_id=request_id,
+        )
+    gateway.stats.record_body(request.url.path, body)
+    try:
+        params = parse_request(dialect, body, default_response_format=config.default_response_format)
+    except ParseError as exc:
+        return error_response(dialect, 400, exc.message, code=exc.code, param=exc.param, request_id=request_id)
+
+    trigger = config.content_policy_trigger
+    if trigger and trigger.lower() in params.prompt.lower():
+        gateway.stats.content_policy_rejections += 1
+        return error_response(
+            dialect, 400, CONTENT_POLICY_MESSAGE, code="content_policy_violation", param="prompt",
+            request_id=request_id,
+        )
+
+    headers: dict[str, str] = {}
+    if gateway.limiter.enabled:
+        decision = gateway.limiter.acquire(params.n)
+        if config.rate_limit_headers:
+            headers.update(decision.headers)
+        if not decision.allowed:
+            gateway.stats.rate_limited += 1
+            if config.retry_after_header:
+                headers.update(retry_after_headers(decision.retry_after))
+            unit = "requests" if decision.limit == "requests" else "images"
+            return error_response(
+                dialect,
+                429,
+                f"Rate limit reached for {unit} per minute. Please try again in {decision.retry_after:.3g}s.",
+                type_=unit,
+                code="rate_limit_exceeded",
+                request_id=request_id,
+                headers=headers,
+            )
+
+    usage = compute_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, params.n)
+    if not gateway.can_afford(usage.cost_usd):
+        return error_response(
+            dialect, 402, "Insufficient balance", type_="insufficient_quota", code="insufficient_quota",
+            request_id=request_id, headers=headers,
+        )
+
+    fault = gateway.faults.draw(envelope=dialect == "indoxhub")
+    if fault is None or fault.charges:
+        # Charged before the latency await, so concurrent requests can never overdraw the balance.
+        gateway.charge(usage.cost_usd, params.n)
+    if fault is not None:
+        gateway.stats.faults[fault.value] += 1
+
+    delay = gateway.faults.latency()
+    if delay > 0:
+        await anyio.sleep(delay)
+
+    if fault is Fault.BAD_GATEWAY:
+        return bad_gateway_html(headers)
+    if fault is Fault.UNAVAILABLE:
+        return error_response(
+            dialect, 503, "The server is overloaded or not ready yet.", type_="server_error",
+            code="service_unavailable", request_id=request_id, headers={**headers, "retry-after": "1"},
+        )
+    if fault is Fault.SERVER_ERROR:
+        return error_response(
+            dialect, 500, "The server had an error while processing your request.", type_="server_error",
+            code="internal_error", request_id=request_id, headers=headers,
+        )
+    if fault is Fault.ENVELOPE_FAILURE:
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        return JSONResponse(indoxhub_envelope_failure(params, request_id, duration_ms), headers=headers)
+
+    images = await _images(request, params, corrupt=fault is Fault.CORRUPT_B64)
+    if params.stream:
+        chunks = await _stream_chunks(request, params, images, int(time.time()))
+        if fault is Fault.DROP:
+            return DroppingResponse(b"".join(chunks), media_type="text/event-stream", headers=headers)
+        response: Response = StreamingResponse(
+            iter(chunks), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
+        )
+    else:
+        payload = _success_body(request, params, images, usage, started)
+        if fault is Fault.DROP:
+            return DroppingResponse(json.dumps(payload).encode(), media_type="application/json", headers=headers)
+        response = JSONResponse(payload, headers=headers)
+
+    if fault is None:
+        gateway.stats.images_generated += params.n
+        gateway.stats.record_accepted()
+    return response
+
+
+# --- the other routes ---------------------------------------------------------------------------------------
+
+
+async def get_file(request: Request) -> Response:
+    """Serve an image handed out as a URL. No auth, like a CDN link: but we record whether the client
+    (wrongly) sent its API key along."""
+    gateway = _gateway(request)
+    gateway.stats.file_requests += 1
+    if "authorization" in request.headers:
+        gateway.stats.file_requests_with_authorization += 1
+    stored = gateway.files.get(request.path_params["token"])
+    if stored is None:
+        gateway.stats.file_not_found += 1
+        return JSONResponse(
+            {"error": {"message": "File not found or expired", "type": "invalid_request_error", "code": "not_found"}},
+            status_code=404,
+        )
+    return Response(stored.data, media_type=stored.content_type, headers={"cache-control": "private, max-age=3600"})
+
+
+async def list_models(request: Request) -> Response:
+    dialect = MODEL_ROUTES.get(request.url.path, "openai")
+    denied = _auth_error(request, dialect)
+    if denied is not None:
+        return denied
+    models = [
+        {"id": model, "object": "model", "created": 0, "owned_by": "imagegen-local-gateway"}
+        for model in _gateway(request).config.models
+    ]
+    return JSONResponse({"object": "list", "data": models})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def stats(request: Request) -> Response:
+    return JSONResponse(_gateway(request).snapshot())
+
+
+async def reset(request: Request) -> Response:
+    _gateway(request).reset()
+    return JSONResponse({"status": "reset"})
+
+
+def create_app(config: GatewayConfig | None = None) -> Starlette:
+    """The gateway as an ASGI app; ``app.state.gateway`` is its :class:`GatewayState`."""
+    gateway = GatewayState(config or GatewayConfig())
+    routes = [
+        *(Route(path, _generation_endpoint(dialect), methods=["POST"]) for path, dialect in GENERATION_ROUTES.items()),
+        *(Route(path, list_models, methods=["GET"]) for path in MODEL_ROUTES),
+        Route("/files/{token}", get_file, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/_gateway/stats", stats, methods=["GET"]),
+        Route("/_gateway/reset", reset, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(Instrumentation, gateway=gateway)])
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,151 @@
+"""Deterministic, real, cheap images.
+
+Clients must be able to decode, size-check and fingerprint what they get, and tests must be able to tell
+"same parameters" from "different seed" by the bytes alone. So every image is a small colour pattern derived
+from a SHA-256 of its parameters, scaled up with NEAREST (no resampling cost) and encoded with fast
+settings. Encoded bytes are cached because benchmarks ask for the same 1024x1024 image thousands of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from PIL import Image
+
+MAX_SEED = 2**31 - 1
+#: Side of the pattern drawn before upscaling; small enough to build in pure Python in microseconds.
+PATTERN_CELLS = 32
+
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def seed_from_prompt(prompt: str) -> int:
+    """The seed used when a request names none: stable across runs, different for different prompts."""
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:4], "big") & MAX_SEED
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """Everything that makes an image different. Equal specs give byte-identical images."""
+
+    prompt: str
+    seed: int
+    model: str
+    width: int
+    height: int
+    output_format: str = "png"
+    quality: str | None = None
+    style: str | None = None
+    negative_prompt: str | None = None
+    background: str | None = None
+    compression: int | None = None
+    #: Position of the image within a request's ``n``: the images of one request differ.
+    index: int = 0
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.output_format]
+
+    @property
+    def transparent(self) -> bool:
+        return self.background == "transparent" and self.output_format in ("png", "webp")
+
+    def digest(self) -> bytes:
+        """SHA-256 of the parameters that choose the picture (size and encoding only change its rendition)."""
+        key = "\x1f".join(
+            str(part)
+            for part in (
+                self.prompt, self.seed, self.model, self.quality, self.style, self.negative_prompt, self.index,
+            )
+        )
+        return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _pattern(spec: RenderSpec) -> Image.Image:
+    """A PATTERN_CELLS² image: a diagonal gradient between two colours, with per-cell jitter."""
+    digest = spec.digest()
+    noise = hashlib.shake_256(digest).digest(PATTERN_CELLS * PATTERN_CELLS)
+    start, end = digest[0:3], digest[3:6]
+    cells = PATTERN_CELLS
+    span = 2 * (cells - 1)
+    mode = "RGBA" if spec.transparent else "RGB"
+    pixels = bytearray()
+    for y in range(cells):
+        for x in range(cells):
+            t = (x + y) / span
+            jitter = noise[y * cells + x] - 128
+            for channel in range(3):
+                value = start[channel] + (end[channel] - start[channel]) * t + jitter * 0.35
+                pixels.append(min(255, max(0, int(value))))
+            if mode == "RGBA":
+                # A transparent frame around an opaque picture, so the alpha channel is really used.
+                border = x in (0, cells - 1) or y in (0, cells - 1)
+                pixels.append(0 if border else 255)
+    return Image.frombytes(mode, (cells, cells), bytes(pixels))
+
+
+def render(spec: RenderSpec) -> bytes:
+    """Encode the image of ``spec`` (no caching; see :class:`Renderer`)."""
+    if spec.output_format not in _PIL_FORMATS:
+        raise ValueError(f"unsupported output_format {spec.output_format!r}")
+    image = _pattern(spec).resize((spec.width, spec.height), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    if spec.output_format == "png":
+        # Level 1: an order of magnitude faster than the default and still a valid, smallish PNG.
+        image.save(buffer, "PNG", compress_level=1)
+    elif spec.output_format == "jpeg":
+        quality = spec.compression if spec.compression is not None else 90
+        image.convert("RGB").save(buffer, "JPEG", quality=max(1, min(95, quality)))
+    else:
+        quality = spec.compression if spec.compression is not None else 90
+        # method=0 is libwebp's fastest setting.
+        image.save(buffer, "WEBP", quality=quality, method=0)
+    return buffer.getvalue()
+
+
+class Renderer:
+    """:func:`render` behind a thread-safe LRU cache (rendering runs in worker threads)."""
+
+    def __init__(self, cache_size: int = 256) -> None:
+        self._cache_size = cache_size
+        self._cache: OrderedDict[RenderSpec, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def cached(self, spec: RenderSpec) -> bytes | None:
+        """The cached bytes of ``spec``, if any: lets callers skip a thread hop for a cache hit."""
+        with self._lock:
+            data = self._cache.get(spec)
+            if data is not None:
+                self._cache.move_to_end(spec)
+                self.hits += 1
+            return data
+
+    def __call__(self, spec: RenderSpec) -> bytes:
+        with self._lock:
+            cached = self._cache.get(spec)
+            if cached is not None:
+                self._cache.move_to_end(spec)
+                self.hits += 1
+                return cached
+            self.misses += 1
+        # Encoding happens outside the lock: two threads may render the same spec once each, which is
+        # harmless (same bytes) and better than serialising all rendering.
+        data = render(spec)
+        if self._cache_size:
+            with self._lock:
+                self._cache[spec] = data
+                self._cache.move_to_end(spec)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()

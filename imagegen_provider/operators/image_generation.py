@@ -1,0 +1,328 @@
+"""Airflow operators: generate an image dataset from a Parquet prompt table, and finalize a sharded one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from imagegen_provider.engine.finalize import DATASET_TABLE, finalize_output
+from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
+from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
+from imagegen_provider.hooks.image_generation import ImageGenerationHook
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+log = logging.getLogger(__name__)
+
+#: Failures that a retry of the task would not fix; they never fail the task on their own.
+PERMANENT_FAILURES = frozenset({"InvalidRow", "RequestValidationError", "ContentPolicyError", "BadRequestError"})
+
+_REQUEST_FIELDS = ("model", "size", "quality", "style", "response_format")
+
+
+def metadata_asset_for(output_path: Any) -> Asset | None:
+    """The Asset of the dataset table ``<output>/metadata.parquet``, or ``None`` when the path is templated.
+
+    String work only: no filesystem is touched at DAG parse time.
+    """
+    text = str(output_path)
+    if "{{" in text or "{%" in text:
+        return None
+    if "://" not in text:
+        text = "file://" + os.path.abspath(text)
+    return Asset(uri=text.rstrip("/") + "/" + DATASET_TABLE, name=f"imagegen:{text.rstrip('/')}")
+
+
+class ImageGenerationOperator(BaseOperator):
+    """Generate one image per prompt (or ``images_per_prompt``) from a Parquet table into object storage.
+
+    Images land under ``<output_path>/images/``, metadata rows under ``<output_path>/metadata/``; an
+    unsharded run then writes the dataset table ``<output_path>/metadata.parquet``. A rerun (or a task
+    retry) with the same output skips every image already stored and recorded as succeeded.
+
+    :param prompts_path: Parquet prompt table: any fsspec URL, or an ``ObjectStoragePath``. (templated)
+    :param output_path: output folder: any fsspec URL, or an ``ObjectStoragePath``. (templated)
+    :param imagegen_conn_id: the ``imagegen`` connection.
+    :param model: model name; default: the connection's ``model`` extra. (templated)
+    :param size: e.g. ``1024x1024``. (templated)
+    :param quality: e.g. ``standard``, ``hd``, ``low``, ``high``. (templated)
+    :param style: ``vivid`` or ``natural`` (dall-e-3). (templated)
+    :param response_format: ``url`` or ``b64_json``. (templated)
+    :param request_params: any other request parameter (``output_format``, ``negative_prompt``, ...). (templated)
+    :param images_per_prompt: images per row, each its own request and seed.
+    :param seed: base seed; image seeds derive from (seed, prompt id, image index). (templated)
+    :param prompt_column: prompt column name.
+    :param id_column: id column name (a stable id is derived when the table has none).
+    :param shard: a shard descriptor from :func:`plan_prompt_shards` (``{"start", "stop", "label"}``); use
+        with ``.partial(...).expand(shard=...)``. Sharded runs do not finalize: add
+        :class:`ImageDatasetFinalizeOperator` after the mapped task.
+    :param finalize: write ``metadata.parquet`` and ``run_summary.json`` at the end (default: when unsharded).
+    :param max_cost_usd: stop dispatching before this would be exceeded. (templated)
+    :param dry_run: count images and estimate cost without calling the gateway.
+    :param max_failed_fraction: fail the task (so that its retry resumes) when more than this fraction of the
+        attempted images failed for reasons a retry can fix. Permanent failures (invalid rows,
+        content-policy refusals) never fail the task.
+    :param rate_limits: overrides of the connection's limits: ``requests_per_minute``,
+        ``images_per_minute``, ``max_in_flight``, ``backend``.
+    :param prices: price overrides, shaped like ``imagegen_provider/data/prices.json``.
+    :param metadata_asset: the Asset emitted on success; default: derived from a non-templated
+        ``output_path``. Pass ``False`` for none.
+    :param progress_interval: seconds between progress lines.
+    """
+
+    template_fields: Sequence[str] = (
+        "prompts_path",
+        "output_path",
+        "model",
+        "size",
+        "quality",
+        "style",
+        "response_format",
+        "request_params",
+        "seed",
+        "max_cost_usd",
+        "shard",
+    )
+    template_fields_renderers = {"request_params": "json", "shard": "json"}
+    ui_color = "#f0e4ff"
+
+    def __init__(
+        self,
+        *,
+        prompts_path: Any,
+        output_path: Any,
+        imagegen_conn_id: str = ImageGenerationHook.default_conn_name,
+        model: str | None = None,
+        size: str | None = None,
+        quality: str | None = None,
+        style: str | None = None,
+        response_format: str | None = None,
+        request_params: Mapping[str, Any] | None = None,
+        images_per_prompt: int = 1,
+        seed: int = 0,
+        prompt_column: str = "prompt",
+        id_column: str = "id",
+        shard: Mapping[str, Any] | None = None,
+        finalize: bool | None = None,
+        max_cost_usd: float | None = None,
+        dry_run: bool = False,
+        max_failed_fraction: float = 0.0,
+        rate_limits: Mapping[str, Any] | None = None,
+        prices: Mapping[str, Any] | None = None,
+        metadata_asset: Asset | bool | None = None,
+        progress_interval: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        if metadata_asset is None:
+            metadata_asset = metadata_asset_for(output_path)
+        if isinstance(metadata_asset, Asset) and not kwargs.get("outlets"):
+            kwargs["outlets"] = [metadata_asset]
+        super().__init__(**kwargs)
+        self.prompts_path = prompts_path
+        self.output_path = output_path
+        self.imagegen_conn_id = imagegen_conn_id
+        self.model = model
+        self.size = size
+        self.quality = quality
+        self.style = style
+        self.response_format = response_format
+        self.request_params = dict(request_params or {})
+        self.images_per_prompt = images_per_prompt
+        self.seed = seed
+        self.prompt_column = prompt_column
+        self.id_column = id_column
+        self.shard = shard
+        self.finalize = finalize
+        self.max_cost_usd = max_cost_usd
+        self.dry_run = dry_run
+        self.max_failed_fraction = max_failed_fraction
+        self.rate_limits = dict(rate_limits or {})
+        self.prices = prices
+        self.metadata_asset = metadata_asset if isinstance(metadata_asset, Asset) else None
+        self.progress_interval = progress_interval
+
+    @cached_property
+    def hook(self) -> ImageGenerationHook:
+        return ImageGenerationHook(imagegen_conn_id=self.imagegen_conn_id)
+
+    def _request_defaults(self) -> dict[str, Any]:
+        defaults = dict(self.request_params)
+        for name in _REQUEST_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                defaults[name] = value
+        if "model" not in defaults and self.hook.settings.model:
+            defaults["model"] = self.hook.settings.model
+        return defaults
+
+    def _run_config(self, context: Context) -> RunConfig:
+        shard = dict(self.shard or {})
+        settings = self.hook.settings
+        prices = {**(settings.prices or {}), **(self.prices or {})} or None
+        return RunConfig(
+            prompts=self.prompts_path,
+            output=self.output_path,
+            request_defaults=self._request_defaults(),
+            prompt_column=self.prompt_column,
+            id_column=self.id_column,
+            images_per_prompt=self.images_per_prompt,
+            base_seed=int(self.seed),
+            row_start=int(shard.get("start", 0)),
+            row_stop=int(shard["stop"]) if shard.get("stop") is not None else None,
+            shard=shard.get("label"),
+            max_cost_usd=float(self.max_cost_usd) if self.max_cost_usd not in (None, "") else None,
+            dry_run=self.dry_run,
+            prices=prices,
+            run_id=context["run_id"],
+            labels={"dag_id": context["dag"].dag_id, "task_id": self.task_id},
+            provider=settings.provider,
+            progress_interval=self.progress_interval,
+        )
+
+    async def _run(self, config: RunConfig) -> RunSummary:
+        if config.dry_run:
+            return await BatchRunner(config, client=None).run()
+        async with self.hook.get_client(**self.rate_limits) as client:
+            return await BatchRunner(config, client=client).run()
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        config = self._run_config(context)
+        self.log.info(
+            "Generating from %s into %s through %s",
+            self.prompts_path, self.output_path, self.hook.settings.describe(),
+        )
+        # One line per HTTP request would drown the progress lines in the task log.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        summary = asyncio.run(self._run(config))
+        result: dict[str, Any] = {"run": summary.to_dict()}
+        should_finalize = self.finalize if self.finalize is not None else self.shard is None
+        if should_finalize and not summary.dry_run:
+            report = finalize_output(
+                self.output_path,
+                prompts=self.prompts_path,
+                prompt_column=self.prompt_column,
+                id_column=self.id_column,
+                images_per_prompt=self.images_per_prompt,
+            )
+            result["dataset"] = report.brief()
+        self._emit_asset_event(context, result)
+        self._raise_for(summary)
+        return result
+
+    def _emit_asset_event(self, context: Context, result: dict[str, Any]) -> None:
+        if self.metadata_asset is None:
+            return
+        run = result["run"]
+        context["outlet_events"][self.metadata_asset].extra = {
+            "output_uri": run["output_uri"],
+            "metadata_uri": run["metadata_uri"],
+            "dataset_uri": result.get("dataset", {}).get("dataset_uri"),
+            "succeeded": run["succeeded"],
+            "cost_usd": run["cost_usd"],
+        }
+
+    def _raise_for(self, summary: RunSummary) -> None:
+        reason = summary.stopped_reason or ""
+        if reason.startswith("fatal"):
+            # A bad key or an empty balance: retrying the task cannot help.
+            raise AirflowFailException(f"Image generation stopped: {reason}")
+        transient = sum(n for kind, n in summary.failures_by_type.items() if kind not in PERMANENT_FAILURES)
+        attempted = summary.succeeded + summary.failed
+        if attempted and transient / attempted > self.max_failed_fraction:
+            raise AirflowException(
+                f"{transient} of {attempted} images failed for reasons a retry can fix "
+                f"({summary.failures_by_type}); a task retry resumes from {summary.output_uri}"
+            )
+
+
+class ImageDatasetFinalizeOperator(BaseOperator):
+    """After the mapped generation tasks: check completeness, compact the metadata into
+    ``<output>/metadata.parquet`` (Hugging Face ``imagefolder`` layout), write ``run_summary.json`` and emit
+    the dataset Asset.
+
+    :param output_path: the output folder of the generation tasks. (templated)
+    :param prompts_path: the prompt table, to know which images are expected. (templated)
+    :param images_per_prompt: as given to the generation tasks.
+    :param fail_if_incomplete: fail when an image is missing or failed (its rows are listed in the log).
+    :param metadata_asset: the Asset emitted; default: derived from a non-templated ``output_path``.
+    """
+
+    template_fields: Sequence[str] = ("output_path", "prompts_path")
+
+    def __init__(
+        self,
+        *,
+        output_path: Any,
+        prompts_path: Any = None,
+        images_per_prompt: int = 1,
+        prompt_column: str = "prompt",
+        id_column: str = "id",
+        fail_if_incomplete: bool = False,
+        metadata_asset: Asset | bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if metadata_asset is None:
+            metadata_asset = metadata_asset_for(output_path)
+        if isinstance(metadata_asset, Asset) and not kwargs.get("outlets"):
+            kwargs["outlets"] = [metadata_asset]
+        super().__init__(**kwargs)
+        self.output_path = output_path
+        self.prompts_path = prompts_path
+        self.images_per_prompt = images_per_prompt
+        self.prompt_column = prompt_column
+        self.id_column = id_column
+        self.fail_if_incomplete = fail_if_incomplete
+        self.metadata_asset = metadata_asset if isinstance(metadata_asset, Asset) else None
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        report = finalize_output(
+            self.output_path,
+            prompts=self.prompts_path,
+            prompt_column=self.prompt_column,
+            id_column=self.id_column,
+            images_per_prompt=self.images_per_prompt,
+        )
+        for prompt_id, index, error_type in report.failed_images[:50]:
+            self.log.warning("Failed image: %s #%s (%s)", prompt_id, index, error_type)
+        for prompt_id, index in report.missing_images[:50]:
+            self.log.warning("Missing image: %s #%s", prompt_id, index)
+        if self.metadata_asset is not None:
+            context["outlet_events"][self.metadata_asset].extra = {
+                "output_uri": report.output_uri,
+                "dataset_uri": report.dataset_uri,
+                "succeeded": report.succeeded,
+                "cost_usd": report.total_cost_usd,
+            }
+        if self.fail_if_incomplete and not report.complete:
+            raise AirflowException(
+                f"Dataset incomplete: {report.failed} failed and {report.missing} missing images "
+                f"(see {report.summary_uri})"
+            )
+        return {"dataset": report.brief()}
+
+
+def plan_prompt_shards(
+    prompts_path: Any,
+    *,
+    shard_size: int = 1000,
+    max_shards: int = DEFAULT_MAX_SHARDS,
+    prompt_column: str = "prompt",
+    id_column: str = "id",
+) -> list[dict[str, Any]]:
+    """Shard descriptors for ``ImageGenerationOperator.partial(...).expand(shard=...)``, from the table's
+    Parquet footer only. Call it from a ``@task``; keep ``max_shards`` at or under ``[core] max_map_length``."""
+    return plan_shards(
+        prompts_path,
+        shard_size=shard_size,
+        max_shards=max_shards,
+        prompt_column=prompt_column,
+        id_column=id_column,
+    )

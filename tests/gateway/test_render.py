@@ -1,0 +1,103 @@
+"""The gateway's images are real, deterministic, and cheap to make again."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from imagegen_provider.gateway.render import Renderer, RenderSpec, render, seed_from_prompt
+
+BASE = RenderSpec(prompt="a red fox in snow", seed=42, model="dall-e-3", width=64, height=48)
+
+
+def _open(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_real_image_of_requested_size_and_format(fmt: str, pil_format: str) -> None:
+    image = _open(render(replace(BASE, output_format=fmt, width=320, height=200)))
+    assert image.format == pil_format
+    assert image.size == (320, 200)
+
+
+def test_same_spec_same_bytes() -> None:
+    assert render(BASE) == render(replace(BASE))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 43},
+        {"prompt": "a blue fox in snow"},
+        {"model": "gpt-image-1"},
+        {"quality": "hd"},
+        {"style": "natural"},
+        {"negative_prompt": "blur"},
+        {"index": 1},
+    ],
+)
+def test_any_picture_parameter_changes_the_image(change: dict) -> None:
+    assert render(replace(BASE, **change)) != render(BASE)
+
+
+def test_pattern_is_not_flat() -> None:
+    image = _open(render(replace(BASE, width=256, height=256))).convert("RGB")
+    assert len(set(image.getdata())) > 50
+
+
+def test_transparent_background_has_an_alpha_channel() -> None:
+    image = _open(render(replace(BASE, background="transparent")))
+    assert image.mode == "RGBA"
+    alphas = {pixel[3] for pixel in image.getdata()}
+    assert alphas == {0, 255}
+    # JPEG cannot carry alpha: the request is served opaque rather than failing.
+    assert _open(render(replace(BASE, background="transparent", output_format="jpeg"))).mode == "RGB"
+
+
+def test_jpeg_compression_changes_size() -> None:
+    big = replace(BASE, width=512, height=512, output_format="jpeg")
+    assert len(render(replace(big, compression=10))) < len(render(replace(big, compression=95)))
+
+
+def test_seed_from_prompt_is_stable_and_31_bit() -> None:
+    seed = seed_from_prompt("hello")
+    assert seed == seed_from_prompt("hello")
+    assert seed != seed_from_prompt("hello!")
+    assert 0 <= seed < 2**31
+
+
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError):
+        render(replace(BASE, output_format="gif"))
+
+
+def test_renderer_caches_and_evicts() -> None:
+    renderer = Renderer(cache_size=2)
+    first = renderer(BASE)
+    assert renderer(BASE) is first
+    assert renderer.cached(BASE) is first
+    assert (renderer.hits, renderer.misses) == (2, 1)
+    renderer(replace(BASE, seed=1))
+    renderer(replace(BASE, seed=2))
+    assert renderer.cached(BASE) is None  # least recently used went first
+
+
+def test_renderer_without_cache() -> None:
+    renderer = Renderer(cache_size=0)
+    assert renderer(BASE) == renderer(BASE)
+    assert renderer.cached(BASE) is None
+
+
+def test_large_images_render_quickly() -> None:
+    import time
+
+    start = time.perf_counter()
+    data = render(replace(BASE, width=1024, height=1024))
+    assert time.perf_counter() - start < 1.0
+    assert _open(data).size == (1024, 1024)
