@@ -1,0 +1,118 @@
+"""Shared fixtures: real servers on loopback (the bundled gateway, an S3-compatible server, Redis)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Airflow reads its home at import time: tests get their own, never the user's ~/airflow or the demo's.
+os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow-test"))
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+from imagegen_provider.gateway import GatewayConfig, run_gateway_in_thread  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture
+def gateway_factory():
+    """Start bundled gateways on loopback: ``handle = gateway_factory(GatewayConfig(...))``."""
+    stack = []
+
+    def start(config: GatewayConfig | None = None):
+        context = run_gateway_in_thread(config or GatewayConfig())
+        handle = context.__enter__()
+        stack.append(context)
+        return handle
+
+    yield start
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture
+def gateway(gateway_factory):
+    """A well-behaved bundled gateway on a real loopback socket."""
+    return gateway_factory()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict]:
+    """A real S3-compatible server (moto's standalone server) on loopback, with a bucket ``imagegen-test``."""
+    binary = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if binary is None:
+        pytest.skip("moto_server is not installed (pip install -e .[test])")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("imagegen-test")
+        yield {"endpoint": endpoint, "storage_options": options, "bucket": "imagegen-test"}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real ``redis-server`` on a free loopback port (Debian package ``redis-server``)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> str:
+    """A migrated SQLite metadata DB in the tests' Airflow home (``airflow db migrate``, ~5 s once)."""
+    airflow = shutil.which("airflow", path=os.path.dirname(sys.executable)) or "airflow"
+    subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True, env=os.environ.copy())
+    return os.environ["AIRFLOW_HOME"]
