@@ -86,12 +86,12 @@ OPENAI = Dialect(name="openai", top_level=_OPENAI_FIELDS)
 INDOXHUB = Dialect(
     name="indoxhub",
     top_level=frozenset(
-        {"prompt", "model", "provider", "size", "n", "quality", "style", "response_format", "byok_api_key", "user"}
+        {"prompt", "model", "provider", "size", "n", "quality", "style", "response_format", "byok_api_key"}
     ),
     nested=frozenset(
         {
             "negative_prompt", "aspect_ratio", "guidance_scale", "seed", "enhance_prompt", "add_watermark",
-            "background", "output_format", "output_compression", "moderation",
+            "background", "output_format", "output_compression", "moderation", "user",
         }
     ),
     accepts_seed_by_default=True,

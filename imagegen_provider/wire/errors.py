@@ -37,10 +37,11 @@ def excerpt(body: bytes | str | None, secrets: Iterable[str | None] = (), limit:
     if body is None:
         return ""
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    text = " ".join(text.split())
+    # Redact before cutting: a key straddling the cut would otherwise leave its first characters behind.
+    text = " ".join(redact(text, secrets).split())
     if len(text) > limit:
         text = text[:limit] + "…"
-    return redact(text, secrets)
+    return text
 
 
 class ImageGenError(Exception):
@@ -212,7 +213,7 @@ _STATUS_CLASSES: dict[int, type[GatewayError]] = {
     502: BadGatewayError,
 }
 
-_CONTENT_POLICY_MARKERS = ("content_policy", "moderation_blocked", "safety", "content policy")
+_CONTENT_POLICY_MARKERS = ("content_policy", "moderation_blocked", "safety system", "content policy")
 
 
 def _error_fields(payload: Any) -> tuple[str | None, str | None]:
@@ -253,7 +254,8 @@ def error_from_response(
         request_id = payload.get("request_id") if isinstance(payload.get("request_id"), str) else None
     if payload is None and body:
         message = "non-JSON error body (HTML from a proxy?)" if b"<" in body[:200] else "non-JSON error body"
-    message = redact(message or "no error message", secrets)
+    # The gateway's message is as untrusted as the body: redacted, and as short as the excerpt.
+    message = excerpt(message or "no error message", secrets)
 
     cls = _STATUS_CLASSES.get(status)
     if cls is None:

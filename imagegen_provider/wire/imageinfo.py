@@ -22,7 +22,8 @@ def inspect_image(data: bytes, *, request_id: str | None = None) -> ImageInfo:
         with Image.open(io.BytesIO(data)) as image:
             fmt = (image.format or "").lower()
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        # DecompressionBombError is a plain Exception: a header claiming absurd dimensions is malformed too.
         raise MalformedResponseError(f"not an image ({type(exc).__name__})", request_id=request_id) from None
     if not fmt or width <= 0 or height <= 0:
         raise MalformedResponseError("image header without format or size", request_id=request_id)

@@ -160,7 +160,7 @@ def normalize_response(
     request_id = _request_id(payload, headers)
 
     if payload.get("success") is False:
-        message = _str(payload.get("message")) or "gateway reported success=false"
+        message = excerpt(_str(payload.get("message")) or "gateway reported success=false", secrets)
         raise GatewayError(
             message, status=200, request_id=request_id, body_excerpt=excerpt(json.dumps(payload)[:2000], secrets)
         )
@@ -217,7 +217,7 @@ def normalize_stream(
         if kind == "error" or "error" in event and kind not in (PARTIAL_EVENT, COMPLETED_EVENT):
             error = event.get("error") if isinstance(event.get("error"), Mapping) else event
             raise GatewayError(
-                _str(error.get("message")) or "error event in stream", status=200, request_id=request_id
+                excerpt(_str(error.get("message")) or "error event in stream"), status=200, request_id=request_id
             )
         if kind == PARTIAL_EVENT:
             if keep_partials and _str(event.get("b64_json")):

@@ -47,7 +47,8 @@ class ImageRequest(BaseModel):
     # Google / router parameters
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = None
-    aspect_ratio: str | None = Field(default=None, pattern=r"^\d{1,3}:\d{1,3}$")
+    # Both sides positive: "0:9" is no aspect ratio (parse_ratio() rejects it too).
+    aspect_ratio: str | None = Field(default=None, pattern=r"^[1-9]\d{0,2}:[1-9]\d{0,2}$")
     resolution: str | None = Field(default=None, min_length=1)
     guidance_scale: float | None = Field(default=None, ge=0)
     enhance_prompt: bool | None = None

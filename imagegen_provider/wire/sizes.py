@@ -6,7 +6,7 @@ import re
 from fractions import Fraction
 
 _SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
-_TIER = re.compile(r"^(\d)K$", re.IGNORECASE)
+_TIER = re.compile(r"^([1-9])K$", re.IGNORECASE)  # "0K" is no tier
 _RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 
 

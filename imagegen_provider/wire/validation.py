@@ -136,8 +136,11 @@ def check_model_rules(req: ImageRequest) -> list[Violation]:
     if req.style is not None and family in (ModelFamily.DALL_E_2, *GPT_FAMILIES):
         violations.append(Violation("style", "only dall-e-3 accepts style"))
 
-    if family in GPT_FAMILIES and req.response_format == "url":
-        violations.append(Violation("response_format", f"{name} always returns b64_json; url is not supported"))
+    if family in GPT_FAMILIES and req.response_format is not None:
+        # OpenAI answers 400 "Unknown parameter" for any value: these models always return b64_json.
+        violations.append(
+            Violation("response_format", f"{name} does not take response_format (it always returns b64_json)")
+        )
 
     if family in (ModelFamily.DALL_E_2, ModelFamily.DALL_E_3):
         for field in _GPT_ONLY:
