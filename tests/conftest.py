@@ -83,7 +83,8 @@ def s3_server() -> Iterator[dict]:
         import s3fs
 
         fs = s3fs.S3FileSystem(**options)
-        fs.mkdir("imagegen-test")
+        # No LocationConstraint: moto (like AWS) rejects an explicit us-east-1 constraint.
+        fs.call_s3("create_bucket", Bucket="imagegen-test")
         yield {"endpoint": endpoint, "storage_options": options, "bucket": "imagegen-test"}
     finally:
         process.terminate()

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -38,6 +39,12 @@ def metadata_asset_for(output_path: Any) -> Asset | None:
         return None
     if "://" not in text:
         text = "file://" + os.path.abspath(text)
+    else:
+        # ``ObjectStoragePath("s3://bucket/x", conn_id="aws")`` prints as ``s3://aws@bucket/x``: the connection
+        # id is how the task reaches the data, not part of the data's identity (nor of a consumer's Asset).
+        parts = urlsplit(text)
+        if "@" in parts.netloc:
+            text = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return Asset(uri=text.rstrip("/") + "/" + DATASET_TABLE, name=f"imagegen:{text.rstrip('/')}")
 
 
@@ -74,7 +81,7 @@ class ImageGenerationOperator(BaseOperator):
         ``images_per_minute``, ``max_in_flight``, ``backend``.
     :param prices: price overrides, shaped like ``imagegen_provider/data/prices.json``.
     :param metadata_asset: the Asset emitted on success; default: derived from a non-templated
-        ``output_path``. Pass ``False`` for none.
+        ``output_path`` when this task finalizes (none for a shard). Pass ``False`` for none.
     :param progress_interval: seconds between progress lines.
     """
 
@@ -122,7 +129,10 @@ class ImageGenerationOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         if metadata_asset is None:
-            metadata_asset = metadata_asset_for(output_path)
+            # Only a task that writes metadata.parquet announces it: a shard (which does not finalize) would
+            # otherwise emit the dataset's Asset event once per mapped instance, before the dataset exists.
+            writes_table = finalize if finalize is not None else shard is None
+            metadata_asset = metadata_asset_for(output_path) if writes_table else None
         if isinstance(metadata_asset, Asset) and not kwargs.get("outlets"):
             kwargs["outlets"] = [metadata_asset]
         super().__init__(**kwargs)
@@ -134,7 +144,9 @@ class ImageGenerationOperator(BaseOperator):
         self.quality = quality
         self.style = style
         self.response_format = response_format
-        self.request_params = dict(request_params or {})
+        # A Mapping is copied; anything else (an XComArg, a Jinja string rendered as a native object) is
+        # resolved by template rendering before execute().
+        self.request_params = dict(request_params) if isinstance(request_params, Mapping) else request_params or {}
         self.images_per_prompt = images_per_prompt
         self.seed = seed
         self.prompt_column = prompt_column

@@ -1,0 +1,105 @@
+"""Helpers for the operator tests: a small prompt table, connections given as ``AIRFLOW_CONN_*`` env JSON
+(the Task SDK's environment-variables secrets backend: no metadata DB, no supervisor) and a minimal context."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+import pytest
+from airflow.sdk.execution_time.context import OutletEventAccessors
+
+#: The connection password of every test connection: long enough that Airflow's masker would hide it, so a
+#: leak shows up only if we wrote it somewhere ourselves.
+SECRET = "sk-imagegen-TEST-SECRET-5f0c2a91d7"
+
+#: Fast, priced requests: small images, returned inline.
+FAST_REQUEST = {"model": "dall-e-2", "size": "256x256", "response_format": "b64_json"}
+
+
+def write_prompts(path: Path, prompts: list[str], *, prefix: str = "p") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame({"id": [f"{prefix}{i:03d}" for i in range(len(prompts))], "prompt": prompts})
+    frame.to_parquet(path, index=False)
+    return path
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    """Six prompts, ids ``p000``..``p005``."""
+    return write_prompts(tmp_path / "prompts.parquet", [f"a lighthouse at dusk, study {i}" for i in range(6)])
+
+
+@pytest.fixture
+def make_conn(monkeypatch):
+    """``conn_id = make_conn(host=..., port=..., extra={...})``: a fresh ``imagegen`` connection as env JSON."""
+
+    def make(host: str = "local", *, port: int | None = None, password: str | None = SECRET, **extra: Any) -> str:
+        conn_id = f"imagegen_test_{uuid.uuid4().hex[:10]}"
+        body: dict[str, Any] = {"conn_type": "imagegen", "host": host, "extra": extra}
+        if port is not None:
+            body["port"] = port
+        if password is not None:
+            body["password"] = password
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(body))
+        return conn_id
+
+    return make
+
+
+@pytest.fixture
+def loopback_conn(make_conn):
+    """``loopback_conn(gateway_handle, **extra)``: a connection to a bundled gateway on a real socket."""
+
+    def make(handle, **extra: Any) -> str:
+        return make_conn("127.0.0.1", port=handle.port, **extra)
+
+    return make
+
+
+def make_context(run_id: str = "manual__test", dag_id: str = "imagegen_unit") -> dict[str, Any]:
+    """What ``execute()`` reads from Airflow's context, with Airflow 3.3's own outlet-event accessors."""
+    return {"run_id": run_id, "dag": SimpleNamespace(dag_id=dag_id), "outlet_events": OutletEventAccessors()}
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A moto S3 server on loopback with a bucket, like the shared ``s3_server`` fixture.
+
+    Own fixture because the shared one creates its bucket with ``s3fs.mkdir`` and ``region_name=us-east-1``,
+    which sends ``LocationConstraint=us-east-1``: moto (like S3) refuses that with InvalidLocationConstraint.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, wait_for_port
+
+    binary = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if binary is None:
+        pytest.skip("moto_server is not installed (pip install -e .[test])")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
+        import s3fs
+
+        bucket = "imagegen-operator-test"
+        s3fs.S3FileSystem(**options).call_s3("create_bucket", Bucket=bucket)
+        yield {"endpoint": endpoint, "storage_options": options, "bucket": bucket}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
