@@ -194,7 +194,17 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
     from imagegen_provider.engine.finalize import finalize_output
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = finalize_output(args.output, prompts=args.prompts, images_per_prompt=args.images_per_prompt)
+    try:
+        report = finalize_output(
+            args.output,
+            prompts=args.prompts,
+            prompt_column=args.prompt_column,
+            id_column=args.id_column,
+            images_per_prompt=args.images_per_prompt,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report.brief(), indent=2))
     return 0 if report.complete else 1
 
@@ -202,8 +212,24 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from imagegen_provider.engine.shards import plan_shards
 
-    print(json.dumps(plan_shards(args.prompts, shard_size=args.shard_size, max_shards=args.max_shards)))
+    try:
+        shards = plan_shards(
+            args.prompts,
+            shard_size=args.shard_size,
+            max_shards=args.max_shards,
+            prompt_column=args.prompt_column,
+            id_column=args.id_column,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(shards))
     return 0
+
+
+def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-column", default="prompt", help="Column holding the prompts (default prompt).")
+    parser.add_argument("--id-column", default="id", help="Column holding the prompt ids (default id).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,12 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     finalize.add_argument("output")
     finalize.add_argument("--prompts", help="The prompt table, to list missing images.")
     finalize.add_argument("--images-per-prompt", type=int, default=1)
+    _add_column_arguments(finalize)
     finalize.set_defaults(func=_cmd_finalize)
 
     plan = commands.add_parser("plan", help="Print shard descriptors (row ranges) of a prompt table as JSON.")
     plan.add_argument("prompts")
     plan.add_argument("--shard-size", type=int, default=1000)
     plan.add_argument("--max-shards", type=int, default=1024)
+    _add_column_arguments(plan)
     plan.set_defaults(func=_cmd_plan)
     return parser
 

@@ -103,7 +103,7 @@ def finalize_output(
 
     dataset = succeeded.sort_values(["prompt_id", "image_index"]) if not succeeded.empty else succeeded
     table = pa.Table.from_pandas(dataset, schema=METADATA_SCHEMA, preserve_index=False)
-    with location.open(DATASET_TABLE, "wb") as handle:
+    with location.open_atomic(DATASET_TABLE) as handle:
         pq.write_table(table, handle, compression="zstd")
 
     paid = history_frame["cost_usd"].notna() if not history_frame.empty else []
@@ -129,7 +129,7 @@ def finalize_output(
         missing_images=[[pid, idx] for pid, idx in missing[:_LISTED]],
     )
     summary = {**report.to_dict(), "finalized_at": datetime.now(timezone.utc).isoformat(), "metadata_dir": METADATA_DIR}
-    location.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=str).encode())
+    location.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=str).encode(), atomic=True)
     log.info(
         "Finalized %s: %d succeeded, %d failed, %d missing%s; total cost $%.4f",
         location.uri, report.succeeded, report.failed, report.missing,

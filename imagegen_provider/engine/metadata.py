@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagegen_provider.engine.schema import COLUMNS, METADATA_SCHEMA, STATUS_SUCCEEDED, rows_to_table
-from imagegen_provider.engine.storage import StorageLocation
+from imagegen_provider.engine.storage import StorageLocation, is_temp_file
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ def _from_json(data: bytes) -> dict[str, Any]:
 
 
 def write_part(location: StorageLocation, table: pa.Table, label: str) -> str:
+    # Atomic: a process killed while writing a part must not leave a truncated Parquet file behind, which
+    # every later read of the metadata (resume, finalize, pandas, DuckDB) would fail on.
     relative = f"{METADATA_DIR}/part-{label}-{uuid.uuid4().hex[:12]}.parquet"
-    with location.open(relative, "wb") as handle:
+    with location.open_atomic(relative) as handle:
         pq.write_table(table, handle, compression="zstd")
     return relative
 
@@ -90,7 +92,8 @@ class MetadataSink:
         """Make ``row`` durable (journal) and queue it for the next part."""
         self._seq += 1
         relative = f"{self.journal_dir}/{self._token}-{self._seq:08d}.json"
-        await asyncio.to_thread(self.location.write_bytes, relative, _to_json(row))
+        # Atomic: an empty or truncated entry left by a kill would make every later recovery fail.
+        await asyncio.to_thread(self.location.write_bytes, relative, _to_json(row), atomic=True)
         self._buffer.append(row)
         self._journal.append(relative)
         if len(self._buffer) >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -116,8 +119,13 @@ class MetadataSink:
 
 
 def recover_journal(location: StorageLocation, journal_dir: str = JOURNAL_DIR) -> int:
-    """Move every journal entry under ``journal_dir`` into one part file."""
-    entries = location.list_files(journal_dir, suffix=".json")
+    """Move every journal entry under ``journal_dir`` into one part file (and drop temporary files that a
+    killed writer left half-written: they never became entries)."""
+    found = location.list_files(journal_dir)
+    entries = [e for e in found if e.endswith(".json") and not is_temp_file(e)]
+    stale = [e for e in found if is_temp_file(e)]
+    if stale:
+        location.remove(stale)
     if not entries:
         return 0
     rows = [_from_json(location.read_bytes(entry)) for entry in entries]
@@ -133,6 +141,8 @@ def read_metadata(location: StorageLocation, columns: Iterable[str] | None = Non
     schema = pa.schema([METADATA_SCHEMA.field(name) for name in wanted])
     tables = []
     for part in location.list_files(METADATA_DIR, suffix=".parquet"):
+        if is_temp_file(part) or "/_" in f"/{part}":
+            continue
         with location.open(part) as handle:
             tables.append(pq.read_table(handle, columns=wanted, schema=METADATA_SCHEMA).cast(schema))
     journal = [_from_json(location.read_bytes(e)) for e in location.list_files(JOURNAL_DIR, suffix=".json")]

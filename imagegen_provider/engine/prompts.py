@@ -21,6 +21,9 @@ class PromptTableError(ValueError):
 
 
 def _is_string(t: pa.DataType) -> bool:
+    # Dictionary-encoded strings are what pandas writes for a categorical column (a "model" column, say).
+    if pa.types.is_dictionary(t):
+        return _is_string(t.value_type)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
@@ -127,14 +130,17 @@ class PromptTable:
             raise PromptTableError(
                 f"{self.description}: prompt column {prompt_col!r} not found (columns: {', '.join(names)})"
             )
-        if not _is_string(self.schema.field(prompt_col).type):
+        # A null-typed column (an empty table written from pandas, or all values null) has no wrong values:
+        # an empty table yields no rows, null prompts fail their rows and null ids are rejected below.
+        prompt_type = self.schema.field(prompt_col).type
+        if not _is_string(prompt_type) and not pa.types.is_null(prompt_type):
             raise PromptTableError(
                 f"{self.description}: prompt column {prompt_col!r} must be string, "
                 f"not {self.schema.field(prompt_col).type}"
             )
         if self.has_id_column:
             id_type = self.schema.field(self.columns.id).type
-            if not (_is_string(id_type) or _is_int(id_type)):
+            if not (_is_string(id_type) or _is_int(id_type) or pa.types.is_null(id_type)):
                 raise PromptTableError(
                     f"{self.description}: id column {self.columns.id!r} must be string or integer, not {id_type}"
                 )

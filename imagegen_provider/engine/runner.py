@@ -160,9 +160,15 @@ class BatchRunner:
         self.run_id = config.run_id or f"run-{_utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.output = StorageLocation.from_url(config.output, config.output_storage_options)
         self._stop_reason: str | None = None
+        #: A fatal gateway error (401/402/403) was seen: jobs still queued are never sent.
+        self._fatal = False
         self._spent = 0.0
         self._reserved = 0.0
         self._priced_images = 0
+        #: Paid responses whose cost is unknown (no reported cost, no list price).
+        self._unpriced_paid = 0
+        self._warned_unenforceable = False
+        self._slots: asyncio.Semaphore | None = None
         self._failures: dict[str, int] = {}
         self._warned_dropped: set[str] = set()
 
@@ -285,9 +291,18 @@ class BatchRunner:
     def _average_cost(self) -> float:
         return self._spent / self._priced_images if self._priced_images else 0.0
 
+    def _cost_known(self) -> bool:
+        """Whether a finished, paid image has told us what images cost (or that nobody can tell)."""
+        return self._priced_images > 0 or self._unpriced_paid > 0
+
     async def _dispatch(self, table: PromptTable, state: ResumeState, sink: MetadataSink, progress: Progress) -> None:
         assert self.client is not None
-        window = asyncio.Semaphore(self.config.max_pending or 2 * max(1, self.client.limiter.limits.max_in_flight))
+        in_flight = max(1, self.client.limiter.limits.max_in_flight)
+        # Held from the request until the metadata row is journaled, so that at most ``in_flight`` images are
+        # ever paid for but not yet on record (what a crash can cost), and so that jobs queued behind a fatal
+        # error can be dropped before they are sent.
+        self._slots = asyncio.Semaphore(in_flight)
+        window = asyncio.Semaphore(self.config.max_pending or 2 * in_flight)
         tasks: set[asyncio.Task[None]] = set()
         budget = self.config.max_cost_usd
         try:
@@ -300,9 +315,20 @@ class BatchRunner:
                     window.release()
                     break
                 estimate = self._estimate(job)
+                if estimate is None and budget is not None and not self._cost_known() and tasks:
+                    # No list price: the only estimate is what this run has paid per image, and nothing has
+                    # been paid yet. Send one image at a time until a cost is known rather than a whole
+                    # window at an estimate of $0.
+                    while tasks and not self._cost_known():
+                        await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+                    if self._stop_reason:
+                        window.release()
+                        break
                 if estimate is None:
                     # Unknown list price: budget with what this run has actually paid per image so far.
                     estimate = self._average_cost()
+                    if budget is not None and self._unpriced_paid and not self._priced_images:
+                        self._warn_unenforceable(job)
                 if budget is not None and self._spent + self._reserved + estimate > budget + 1e-12:
                     window.release()
                     self._stop(
@@ -318,20 +344,38 @@ class BatchRunner:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=False)
 
+    def _warn_unenforceable(self, job: ImageJob) -> None:
+        if not self._warned_unenforceable:
+            self._warned_unenforceable = True
+            log.warning(
+                "max_cost_usd cannot be enforced for model %r: it has no list price and the gateway reports no "
+                "cost (set prices in the connection or operator to budget it)",
+                job.request.model if job.request is not None else None,
+            )
+
     async def _process(self, job: ImageJob, estimate: float, sink: MetadataSink, progress: Progress) -> None:
-        row = self._base_row(job, _utcnow())
-        cost = NO_COST
-        try:
-            if job.request is None:
-                self._fail(row, "InvalidRow", job.invalid or "invalid row", None, 0)
-            else:
-                cost = await self._generate(job, job.request, row)
-        finally:
+        if job.request is None:
             self._reserved -= estimate
-        if cost.usd is not None:
-            self._spent += cost.usd
-            self._priced_images += 1
-        await self._finish(row, cost, sink, progress)
+            row = self._base_row(job, _utcnow())
+            self._fail(row, "InvalidRow", job.invalid or "invalid row", None, 0)
+            await self._finish(row, NO_COST, sink, progress)
+            return
+        assert self._slots is not None
+        async with self._slots:
+            cost = NO_COST
+            try:
+                if self._fatal:
+                    # Queued behind a fatal error (bad key, no balance): never sent, so "not attempted" and
+                    # no metadata row; a rerun picks it up.
+                    return
+                row = self._base_row(job, _utcnow())
+                cost = await self._generate(job, job.request, row)
+            finally:
+                self._reserved -= estimate
+                if cost.usd is not None:
+                    self._spent += cost.usd
+                    self._priced_images += 1
+            await self._finish(row, cost, sink, progress)
 
     async def _generate(self, job: ImageJob, request: ImageRequest, row: dict[str, Any]) -> Cost:
         """Generate and store one image, filling ``row``; returns what it cost (also when a later step failed)."""
@@ -363,6 +407,7 @@ class BatchRunner:
                 self._record_response(row, request, exc.paid_result, exc.attempts, None)
             self._fail(row, type(exc).__name__, str(exc), getattr(exc, "status", None), exc.attempts)
             if exc.fatal:
+                self._fatal = True
                 self._stop(f"fatal gateway error: {row['error_message']}")
         except Exception as exc:  # noqa: BLE001 - one image's failure (e.g. storage) must not sink the batch
             log.exception("Image %s/%d failed", job.row.prompt_id, job.image_index)
@@ -372,6 +417,8 @@ class BatchRunner:
         # Paid for even when a later step (download, write) failed: the cost record is kept.
         cost = self._cost_of(request, paid)
         row.update(cost_usd=cost.usd, cost_source=cost.source)
+        if cost.usd is None:
+            self._unpriced_paid += 1
         return cost
 
     def _record_response(

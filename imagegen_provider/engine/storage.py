@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import posixpath
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+
+#: Suffix of the temporary files of atomic writes; a process killed mid-write can leave one behind.
+TEMP_SUFFIX = ".tmp"
+
+
+def is_temp_file(path: str) -> bool:
+    """A leftover of an interrupted atomic write (``.<name>.<token>.tmp``)."""
+    return posixpath.basename(path).startswith(".") and path.endswith(TEMP_SUFFIX)
 
 
 def _is_local(fs: AbstractFileSystem) -> bool:
@@ -61,12 +73,45 @@ class StorageLocation:
             self.fs.makedirs(parent, exist_ok=True)
             self._made_dirs.add(parent)
 
-    def write_bytes(self, relative: str, data: bytes) -> str:
-        """Write ``data`` (whole object, replacing any previous one) and return its full path."""
+    def write_bytes(self, relative: str, data: bytes, *, atomic: bool = False) -> str:
+        """Write ``data`` (whole object, replacing any previous one) and return its full path.
+
+        :param atomic: readers never see a partial file, even if the process is killed mid-write. Object
+            stores are atomic per object already; on a local filesystem the data goes to a hidden temporary
+            file in the same folder, renamed into place once complete.
+        """
+        if not atomic or not _is_local(self.fs):
+            path = self.path(relative)
+            self._ensure_parent(path)
+            self.fs.pipe_file(path, data)
+            return path
+        with self.open_atomic(relative) as handle:
+            handle.write(data)
+        return self.path(relative)
+
+    @contextmanager
+    def open_atomic(self, relative: str) -> Iterator[Any]:
+        """A binary file to write ``relative`` whole: it appears under its name only once complete (a rename
+        on local filesystems; object stores publish an object only when its upload completes)."""
         path = self.path(relative)
         self._ensure_parent(path)
-        self.fs.pipe_file(path, data)
-        return path
+        if not _is_local(self.fs):
+            # One upload once the writer is done: a writer that fails half-way uploads nothing (an fsspec
+            # file object would upload what it had on close, exception or not).
+            buffer = io.BytesIO()
+            yield buffer
+            self.fs.pipe_file(path, buffer.getvalue())
+            return
+        directory, name = posixpath.split(path)
+        temp = posixpath.join(directory, f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+        try:
+            with self.fs.open(temp, "wb") as handle:
+                yield handle
+            self.fs.mv(temp, path)
+        except BaseException:
+            if self.fs.exists(temp):
+                self.fs.rm(temp)
+            raise
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
