@@ -65,7 +65,18 @@ class ImageGenerationHook(BaseHook):
         try:
             models = asyncio.run(self._list_models())
         except ImageGenError as exc:
-            return False, redact(str(exc), [self.settings.api_key])
+            return False, redact(str(exc), self._secrets())
         except Exception as exc:  # noqa: BLE001 - the UI wants a message, not a traceback
-            return False, redact(f"{type(exc).__name__}: {exc}", [self.settings.api_key])
+            return False, redact(f"{type(exc).__name__}: {exc}", self._secrets())
         return True, f"Connected to {self.settings.describe()}: {len(models)} models"
+
+    def _secrets(self) -> list[str | None]:
+        """What to scrub from messages; works even when the connection's extras do not parse (the error
+        being reported may be exactly that)."""
+        try:
+            return [self.settings.api_key]
+        except Exception:  # noqa: BLE001
+            try:
+                return [self.get_connection(self.imagegen_conn_id).password]
+            except Exception:  # noqa: BLE001
+                return []

@@ -11,7 +11,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from imagegen_provider import __version__
-from imagegen_provider.transport.download import DEFAULT_MAX_IMAGE_BYTES, ImageDownloader
+from imagegen_provider.transport.download import DEFAULT_MAX_IMAGE_BYTES, ImageDownloader, default_ssl_context
 from imagegen_provider.transport.ratelimit import RateLimiter, RateLimits
 from imagegen_provider.transport.retry import RetryPolicy, parse_retry_after
 from imagegen_provider.wire.dialects import Dialect, get_dialect
@@ -28,6 +28,15 @@ from imagegen_provider.wire.request import ImageRequest
 from imagegen_provider.wire.result import GeneratedImage, GenerationResult, ImageInfo
 
 log = logging.getLogger(__name__)
+
+
+def _scrub(error: ImageGenError, secrets: list[str | None]) -> None:
+    """Redact ``secrets`` from an error's message and text attributes, in place."""
+    error.args = tuple(redact(arg, secrets) if isinstance(arg, str) else arg for arg in error.args)
+    for attribute in ("body_excerpt", "reason"):
+        value = getattr(error, attribute, None)
+        if isinstance(value, str):
+            setattr(error, attribute, redact(value, secrets))
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,7 @@ class ImageGenClient:
             limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
             headers=headers,
             transport=transport,
+            verify=default_ssl_context() if transport is None else True,
         )
         self._downloader = ImageDownloader(max_bytes=max_image_bytes, transport=download_transport)
 
@@ -157,8 +167,14 @@ class ImageGenClient:
             async for attempt in self.retry.retrying():
                 with attempt:
                     attempts += 1
-                    queued += await self.limiter.acquire(images=request.n)
-                    result, latency = await self._send(request, wire.json)
+                    waiting = time.monotonic()
+                    # The in-flight slot first, the rate budget second: a request that queued for a slot
+                    # must still see a 429 pause (or a limit learned from the headers) that began while it
+                    # waited, or every queued request is sent into the wall once.
+                    async with self.limiter.in_flight():
+                        await self.limiter.acquire(images=request.n)
+                        queued += time.monotonic() - waiting
+                        result, latency = await self._send(request, wire.json)
                     # Inline images are checked inside the retry: a corrupt one is lost either way, and
                     # asking again is the quickest way to get it.
                     inline = [
@@ -198,26 +214,28 @@ class ImageGenClient:
     # -- one attempt ---------------------------------------------------------------------------
 
     async def _send(self, request: ImageRequest, body: dict[str, Any]) -> tuple[GenerationResult, float]:
+        """One HTTP exchange; the caller holds an in-flight slot and a rate-limit admission."""
         secrets = self._secrets(request)
-        async with self.limiter.in_flight():
-            started = time.monotonic()
-            try:
-                if request.stream:
-                    result = await self._send_streaming(body, secrets)
-                else:
-                    response = await self._http.post(self.endpoint, json=body)
-                    await self._check(response, secrets)
-                    result = normalize_response(response.content, headers=response.headers, secrets=secrets)
-            except httpx.TransportError as exc:
-                # Timeouts, resets, dropped connections. The message is the exception class only: httpx
-                # messages can quote the request.
-                error = GatewayConnectionError(f"{type(exc).__name__} talking to {self.endpoint}")
-                log.warning("Attempt failed: %s", error)
-                raise error from None
-            except ImageGenError as exc:
-                log.warning("Attempt failed: %s", redact(str(exc), secrets))
-                raise
-            return result, time.monotonic() - started
+        started = time.monotonic()
+        try:
+            if request.stream:
+                result = await self._send_streaming(body, secrets)
+            else:
+                response = await self._http.post(self.endpoint, json=body)
+                await self._check(response, secrets)
+                result = normalize_response(response.content, headers=response.headers, secrets=secrets)
+        except httpx.TransportError as exc:
+            # Timeouts, resets, dropped connections. The message is the exception class only: httpx
+            # messages can quote the request.
+            error = GatewayConnectionError(f"{type(exc).__name__} talking to {self.endpoint}")
+            log.warning("Attempt failed: %s", error)
+            raise error from None
+        except ImageGenError as exc:
+            # Whatever built the error (a stream's error event has no idea of our key), it leaves scrubbed.
+            _scrub(exc, secrets)
+            log.warning("Attempt failed: %s", exc)
+            raise
+        return result, time.monotonic() - started
 
     async def _check(self, response: httpx.Response, secrets: list[str | None]) -> None:
         self.limiter.observe_headers(response.headers)
@@ -231,8 +249,12 @@ class ImageGenClient:
             secrets=secrets,
         )
         if isinstance(error, RateLimitError):
-            # Pause every waiting request now, instead of letting each of them hit the wall in turn.
-            await self.limiter.on_rate_limited(error.retry_after)
+            # Pause every waiting request now, instead of letting each of them hit the wall in turn. The
+            # pause is capped like the retry wait: a gateway announcing hours must not stall the batch.
+            pause = error.retry_after
+            if pause is not None:
+                pause = min(pause, self.retry.max_retry_after)
+            await self.limiter.on_rate_limited(pause)
         raise error
 
     async def _send_streaming(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:

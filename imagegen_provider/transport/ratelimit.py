@@ -18,11 +18,14 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+
+from imagegen_provider.transport.retry import header_lookup
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +48,26 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(m.group("value")) * _UNIT_SECONDS[m.group("unit")] for m in matches)
 
 
-def per_minute_item(per_minute: float) -> RateLimitItem:
+def per_minute_item(per_minute: float, min_amount: int = 1) -> RateLimitItem:
     """A moving window equivalent to ``per_minute``, as short as an integer amount allows.
 
     A 60-second window would let a client send a whole minute's budget in one burst, which gateways that
     enforce limits over shorter periods (as OpenAI does) answer with 429s; 1200/min becomes 20 per second.
+
+    :param min_amount: the window must hold at least this many (the images budget: a request for ``n``
+        images must fit in one window, or it would be counted as fewer images than it asks for).
     """
     rate = max(1, round(per_minute))
     divisor = math.gcd(rate, 60)
-    return RateLimitItemPerSecond(rate // divisor, 60 // divisor)
+    amount, seconds = rate // divisor, 60 // divisor
+    if amount < min_amount:
+        scale = math.ceil(min_amount / amount)
+        amount, seconds = amount * scale, seconds * scale
+    return RateLimitItemPerSecond(amount, seconds)
+
+
+#: The largest ``n`` of one request (every documented gateway caps it at 10).
+MAX_IMAGES_PER_REQUEST = 10
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,29 @@ class RateLimits:
     backend: str | None = None
     #: Separates budgets in a shared backend: usually the connection id.
     namespace: str = "default"
+
+    def __repr__(self) -> str:
+        # The backend URL may carry a Redis password: never print it.
+        backend = None if self.backend is None else _without_password(self.backend)
+        return (
+            f"RateLimits(requests_per_minute={self.requests_per_minute!r}, "
+            f"images_per_minute={self.images_per_minute!r}, max_in_flight={self.max_in_flight!r}, "
+            f"backend={backend!r}, namespace={self.namespace!r})"
+        )
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RateLimiter:
@@ -161,16 +198,17 @@ class RateLimiter:
         if self._rpm:
             checks.append((per_minute_item(self._rpm), self._key("requests"), 1))
         if self._ipm:
-            item = per_minute_item(self._ipm)
+            item = per_minute_item(self._ipm, min_amount=MAX_IMAGES_PER_REQUEST)
             checks.append((item, self._key("images"), min(images, item.amount)))
         for item, key, cost in checks:
             if not await self._strategy.test(item, *key, cost=cost):
                 return await self._wait_for(item, key)
-        for index, (item, key, cost) in enumerate(checks):
+        for item, key, cost in checks:
             if not await self._strategy.hit(item, *key, cost=cost):
-                # Another process took the slot between test and hit; a request already counted against an
-                # earlier budget is a small over-count, never an over-send.
-                return await self._wait_for(item, key) if index == 0 else 0.0
+                # Another coroutine or process took the slot between test and hit: wait, whichever budget it
+                # was. A request already counted against an earlier budget is a small over-count; sending it
+                # anyway would be an over-send of this one.
+                return await self._wait_for(item, key)
         return 0.0
 
     async def _wait_for(self, item: RateLimitItem, key: tuple[str, str]) -> float:
@@ -213,6 +251,7 @@ class RateLimiter:
 
         The gateway's own limit wins when it is lower than the configured one (or none was configured).
         """
+        headers = header_lookup(headers)
         for header, attr in (("x-ratelimit-limit-requests", "_rpm"), ("x-ratelimit-limit-images", "_ipm")):
             value = headers.get(header)
             if not value:
@@ -222,6 +261,6 @@ class RateLimiter:
             except ValueError:
                 continue
             current = getattr(self, attr)
-            if announced > 0 and (current is None or announced < current):
+            if announced > 0 and math.isfinite(announced) and (current is None or announced < current):
                 log.info("Gateway announces %s=%s; limiting to it", header, value)
                 setattr(self, attr, announced)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,22 +23,37 @@ from imagegen_provider.wire.errors import ImageGenError
 MAX_RETRY_AFTER_SECONDS = 300.0
 
 
+def header_lookup(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers`` with case-insensitive lookups: ``httpx.Headers`` as they are, plain mappings lower-cased."""
+    if isinstance(headers, httpx.Headers):
+        return headers
+    return {str(key).lower(): value for key, value in headers.items()}
+
+
+def _finite(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    # "inf" or "nan" would pause forever (or not at all): a broken header, not an instruction.
+    return value if math.isfinite(value) else None
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds to wait from ``retry-after-ms`` (OpenAI), or ``Retry-After`` as seconds or an HTTP date."""
+    headers = header_lookup(headers)
     millis = headers.get("retry-after-ms")
     if millis:
-        try:
-            return max(0.0, float(millis) / 1000.0)
-        except ValueError:
-            pass
+        value_ms = _finite(millis.strip())
+        if value_ms is not None:
+            return max(0.0, value_ms / 1000.0)
     value = headers.get("retry-after")
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    seconds = _finite(value)
+    if seconds is not None:
+        return max(0.0, seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -51,6 +67,9 @@ def is_retryable(exc: BaseException) -> bool:
     """408, 429, 5xx, timeouts and dropped connections are retried; 400/401/402/403/404 are not."""
     if isinstance(exc, ImageGenError):
         return exc.retryable
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        # A URL (or a redirect) to something that is not http(s): asking again cannot help.
+        return False
     return isinstance(exc, httpx.TransportError)
 
 

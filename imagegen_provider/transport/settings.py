@@ -6,6 +6,7 @@ Shared by the Airflow hook and the CLI, so that a connection and a command line 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,27 +40,79 @@ _EXTRA_READERS: dict[str, Any] = {
 _LOCAL_PATHS = {"openai": "/v1", "indoxhub": "/api/v1", "router": "/router/v1"}
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+#: Numeric extras that must not be negative (0 keeps meaning "not set", as before).
+_NON_NEGATIVE = frozenset(
+    {"rpm", "images_per_minute", "max_in_flight", "timeout", "connect_timeout", "max_attempts", "max_image_bytes"}
+)
+
+
 def _read_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("not a boolean")
+
+
+def _read_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("not a whole number")
+        return int(value)
+    if isinstance(value, (int, str)):
+        return int(value)
+    raise TypeError(type(value).__name__)
+
+
+def _read_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(type(value).__name__)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
+
+def _read_str(value: Any) -> str:
+    if isinstance(value, (Mapping, list, tuple, bool)):
+        raise TypeError(type(value).__name__)
+    return str(value)
+
+
+_READER_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+_READERS = {bool: _read_bool, int: _read_int, float: _read_float, str: _read_str}
 
 
 def _read_extra(name: str, value: Any) -> Any:
     if value is None or value == "":
         return None
     reader = _EXTRA_READERS[name]
-    if reader is bool:
-        return _read_bool(value)
     if reader is dict:
-        parsed = json.loads(value) if isinstance(value, str) else value
-        if not isinstance(parsed, Mapping):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(f"connection extra {name!r} must be a JSON object (it is not valid JSON)") from None
+        if not isinstance(value, Mapping):
             raise ValueError(f"connection extra {name!r} must be a JSON object")
-        return dict(parsed)
+        return dict(value)
     try:
-        return reader(value)
+        parsed = _READERS[reader](value)
     except (TypeError, ValueError):
-        raise ValueError(f"connection extra {name!r} must be {reader.__name__}, got {value!r}") from None
+        # The value is not echoed: an extra in the wrong field could be a secret.
+        raise ValueError(
+            f"connection extra {name!r} must be {_READER_NAMES[reader]}, got a {type(value).__name__}"
+        ) from None
+    if name in _NON_NEGATIVE and parsed < 0:
+        raise ValueError(f"connection extra {name!r} must not be negative")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -81,7 +134,8 @@ class ClientSettings:
     accepts_seed: bool | None = None
     max_image_bytes: int | None = None
     prices: Mapping[str, Any] | None = None
-    local_gateway: Mapping[str, Any] = field(default_factory=dict)
+    #: Options of the bundled gateway; not in the repr (``api_key`` is the key the gateway expects).
+    local_gateway: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def is_local(self) -> bool:
@@ -125,7 +179,9 @@ class ClientSettings:
         raw = dict(extra or {})
         extras = {name: _read_extra(name, raw.get(name)) for name in _EXTRA_READERS}
         dialect = get_dialect(extras["dialect"] or "openai").name
-        base_url = extras["base_url"] or _base_url(host, port, schema)
+        if extras["base_url"] is not None and not extras["base_url"].startswith(("http://", "https://")):
+            raise ValueError("connection extra 'base_url' must be an http:// or https:// URL")
+        base_url = extras["base_url"].rstrip("/") if extras["base_url"] else _base_url(host, port, schema)
         limits = RateLimits(
             requests_per_minute=extras["rpm"],
             images_per_minute=extras["images_per_minute"],
@@ -156,8 +212,12 @@ def _base_url(host: str | None, port: int | None, schema: str | None) -> str | N
         return None
     if host.startswith(("http://", "https://")):
         return host.rstrip("/")
-    scheme = "http" if host in ("localhost", "127.0.0.1", "::1") else "https"
-    netloc = f"{host}:{port}" if port else host
+    if "://" in host:
+        raise ValueError("connection host must be 'local', a host name, or an http:// or https:// URL")
+    bare = host.strip("[]")
+    scheme = "http" if bare.lower() in ("localhost", "127.0.0.1", "::1") else "https"
+    shown = f"[{bare}]" if ":" in bare else host
+    netloc = f"{shown}:{port}" if port else shown
     path = (schema or "v1").strip("/")
     return f"{scheme}://{netloc}/{path}" if path else f"{scheme}://{netloc}"
 

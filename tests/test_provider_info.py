@@ -1,0 +1,144 @@
+"""The provider as Airflow sees it: get_provider_info() against Airflow's own schemas and pyproject.toml, and
+a real ``airflow`` process discovering the package, its hook and its connection form."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import airflow
+import imagegen_provider
+from imagegen_provider import get_provider_info
+from imagegen_provider.transport.settings import _EXTRA_READERS
+from imagegen_provider.wire.dialects import DIALECTS
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+AIRFLOW_PACKAGE = Path(airflow.__file__).parent
+JSON_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean", dict: "object"}
+
+PROBE = """
+import json
+from airflow.providers_manager import ProvidersManager
+from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
+
+pm = ProvidersManager()
+hook = ProvidersManagerTaskRuntime().hooks.get("imagegen")
+provider = pm.providers.get("airflow-provider-imagegen")
+print(json.dumps({
+    "provider_version": provider.version if provider else None,
+    "hook": None if hook is None else {
+        "class": hook.hook_class_name, "conn_attr": hook.connection_id_attribute_name,
+        "package": hook.package_name, "name": hook.hook_name, "testable": hook.connection_testable,
+    },
+    "widgets": {k: v.field for k, v in pm.connection_form_widgets.items() if k.startswith("extra__imagegen__")},
+    "behaviour": pm.field_behaviours.get("imagegen"),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def info() -> dict:
+    return get_provider_info()
+
+
+def test_matches_airflow_provider_schema(info):
+    schema = json.loads((AIRFLOW_PACKAGE / "provider_info.schema.json").read_text())
+    jsonschema.validate(info, schema)
+    behaviour_schema = json.loads((AIRFLOW_PACKAGE / "customized_form_field_behaviours.schema.json").read_text())
+    for connection_type in info["connection-types"]:
+        # Provider metadata spells the keys with dashes; the form schema (and the UI) with underscores.
+        behaviour = {key.replace("-", "_"): value for key, value in connection_type["ui-field-behaviour"].items()}
+        jsonschema.validate(behaviour, behaviour_schema)
+
+
+def test_matches_pyproject(info):
+    assert info["package-name"] == PYPROJECT["name"]
+    assert info["versions"][0] == PYPROJECT["version"] == imagegen_provider.__version__
+    assert info["name"].strip() and info["description"].strip()
+
+
+def test_entry_point_is_registered():
+    entry_points = importlib.metadata.entry_points(group="apache_airflow_provider")
+    ours = [ep for ep in entry_points if ep.dist is not None and ep.dist.name == PYPROJECT["name"]]
+    assert len(ours) == 1
+    assert ours[0].load() is get_provider_info
+
+
+def test_connection_types_point_at_importable_hooks(info):
+    assert [c["connection-type"] for c in info["connection-types"]] == ["imagegen"]
+    for connection_type in info["connection-types"]:
+        module_name, _, class_name = connection_type["hook-class-name"].rpartition(".")
+        hook_class = getattr(importlib.import_module(module_name), class_name)
+        assert hook_class.conn_type == connection_type["connection-type"]
+        assert hook_class.hook_name == connection_type["hook-name"]
+
+
+def test_listed_modules_import(info):
+    for section in ("hooks", "operators"):
+        for entry in info[section]:
+            for module in entry["python-modules"]:
+                importlib.import_module(module)
+    integrations = {i["integration-name"] for i in info["integrations"]}
+    assert {e["integration-name"] for e in info["hooks"] + info["operators"]} <= integrations
+
+
+def test_form_fields_are_extras_the_hook_reads(info):
+    """A field in the connection form that the hook ignored would be a setting that silently does nothing."""
+    [connection_type] = info["connection-types"]
+    fields = connection_type["conn-fields"]
+    assert set(fields) <= set(_EXTRA_READERS)
+    for name, field in fields.items():
+        types = field["schema"]["type"]
+        assert JSON_TYPES[_EXTRA_READERS[name]] in types, name
+    assert fields["dialect"]["schema"]["enum"] == list(DIALECTS)
+    hidden = connection_type["ui-field-behaviour"]["hidden-fields"]
+    assert "password" not in hidden and "host" not in hidden
+
+
+def test_airflow_discovers_the_provider():
+    bin_dir = Path(sys.executable).parent
+    airflow_bin = bin_dir / "airflow"
+    if not airflow_bin.exists():
+        pytest.skip("no airflow executable next to the interpreter")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    listing = subprocess.Popen(
+        [str(airflow_bin), "providers", "list", "--output", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    probe = subprocess.Popen(
+        [sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    listed_out, listed_err = listing.communicate(timeout=120)
+    probe_out, probe_err = probe.communicate(timeout=120)
+    assert listing.returncode == 0, listed_err[-2000:]
+    assert probe.returncode == 0, probe_err[-2000:]
+
+    providers = {p["package_name"]: p for p in json.loads(listed_out[listed_out.index("["):])}
+    assert providers[PYPROJECT["name"]]["version"] == PYPROJECT["version"]
+
+    found = json.loads(probe_out.strip().splitlines()[-1])
+    assert found["provider_version"] == PYPROJECT["version"]
+    assert found["hook"] == {
+        "class": "imagegen_provider.hooks.image_generation.ImageGenerationHook",
+        "conn_attr": "imagegen_conn_id",
+        "package": PYPROJECT["name"],
+        "name": "Image Generation",
+        "testable": True,
+    }
+    [connection_type] = get_provider_info()["connection-types"]
+    assert set(found["widgets"]) == {f"extra__imagegen__{name}" for name in connection_type["conn-fields"]}
+    assert found["widgets"]["extra__imagegen__dialect"]["value"] == "openai"
+    assert found["widgets"]["extra__imagegen__rpm"]["schema"]["title"] == "Requests per minute"
+    behaviour = found["behaviour"]
+    assert behaviour["hidden_fields"] == ["login"]
+    assert behaviour["relabeling"] == {"password": "API key", "schema": "Path prefix"}
