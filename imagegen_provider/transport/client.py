@@ -233,7 +233,8 @@ class ImageGenClient:
         except ImageGenError as exc:
             # Whatever built the error (a stream's error event has no idea of our key), it leaves scrubbed.
             _scrub(exc, secrets)
-            log.warning("Attempt failed: %s", exc)
+            # 429s are expected under a limit and handled by the limiter: one line each would drown the log.
+            log.log(logging.DEBUG if isinstance(exc, RateLimitError) else logging.WARNING, "Attempt failed: %s", exc)
             raise
         return result, time.monotonic() - started
 

@@ -13,11 +13,10 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
     wait_random_exponential,
 )
 
-from imagegen_provider.wire.errors import ImageGenError
+from imagegen_provider.wire.errors import ImageGenError, RateLimitError
 
 #: Retry-After values beyond this are capped: an image batch would rather fail one image than sleep for hours.
 MAX_RETRY_AFTER_SECONDS = 300.0
@@ -79,6 +78,16 @@ class RetryPolicy:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     max_retry_after: float = MAX_RETRY_AFTER_SECONDS
+    #: Extra attempts allowed when the last answer was a 429: being told to wait is not a failure of the
+    #: request, and an image should not be lost to a busy gateway after five polite refusals.
+    rate_limited_attempts: int = 20
+
+    def stop(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        limit = max(1, self.max_attempts)
+        if isinstance(exc, RateLimitError):
+            limit += self.rate_limited_attempts
+        return state.attempt_number >= limit
 
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -90,7 +99,7 @@ class RetryPolicy:
 
     def retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.max_attempts)),
+            stop=self.stop,
             wait=self.wait,
             retry=retry_if_exception(is_retryable),
             reraise=True,

@@ -117,7 +117,7 @@ async def test_client_learns_the_gateway_limit_from_headers(gateway_factory, cli
 
 
 async def test_pause_delays_acquire():
-    limiter = RateLimiter(RateLimits())
+    limiter = RateLimiter(RateLimits(probe_first=False))
     assert await limiter.acquire() < 0.05
     await limiter.pause(0.4)
     await limiter.pause(0.1)  # a shorter pause never shortens a longer one
@@ -127,40 +127,87 @@ async def test_pause_delays_acquire():
 
 
 async def test_on_rate_limited_counts_and_pauses():
-    limiter = RateLimiter(RateLimits())
+    limiter = RateLimiter(RateLimits(probe_first=False))
     await limiter.on_rate_limited(0.3)
     assert limiter.rate_limited_count == 1
     assert await limiter.acquire() >= 0.28
 
 
 async def test_request_budget_is_enforced():
-    limiter = RateLimiter(RateLimits(requests_per_minute=600))  # 10 per second
-    for _ in range(10):
+    """600/min is 10 per second: half a second's worth (5) may leave at once, then one every 0.1 s."""
+    limiter = RateLimiter(RateLimits(requests_per_minute=600))
+    for _ in range(5):
         assert await limiter.acquire() < 0.05
+    waits = [await limiter.acquire() for _ in range(10)]
+    assert all(0.05 <= w <= 0.2 for w in waits), waits
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(limiter.acquire(), 0.3)
+        await asyncio.wait_for(asyncio.gather(*(limiter.acquire() for _ in range(5))), 0.3)
+
+
+async def test_paced_requests_leave_evenly_not_in_window_bursts():
+    """Over two seconds at 1200/min, no 100 ms holds more than the burst (10) plus two intervals."""
+    limiter = RateLimiter(RateLimits(requests_per_minute=1200))
+    stamps = []
+
+    async def take() -> None:
+        await limiter.acquire()
+        stamps.append(time.monotonic())
+
+    await asyncio.gather(*(take() for _ in range(50)))
+    stamps.sort()
+    steady = [t for t in stamps[10:]]
+    gaps = [b - a for a, b in zip(steady, steady[1:])]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.05, abs=0.01)
+    assert max(sum(1 for t in steady if first <= t < first + 0.1) for first in steady) <= 3
 
 
 async def test_images_per_minute_counts_n():
-    limiter = RateLimiter(RateLimits(images_per_minute=600))  # 10 images per second
+    limiter = RateLimiter(RateLimits(images_per_minute=600, probe_first=False))  # 10 images per second
     assert await limiter.acquire(images=5) < 0.05
     assert await limiter.acquire(images=5) < 0.05
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(limiter.acquire(images=1), 0.3)
-    # Ten single-image requests fit the same budget; an eleventh does not.
-    singles = RateLimiter(RateLimits(images_per_minute=600))
+    # The burst (10 images) is spent: the next image waits for its interval.
+    assert await limiter.acquire(images=1) >= 0.05
+    # Ten single-image requests spend the same burst as two of five.
+    singles = RateLimiter(RateLimits(images_per_minute=600, probe_first=False))
     for _ in range(10):
         assert await singles.acquire(images=1) < 0.05
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(singles.acquire(images=1), 0.3)
+    assert await singles.acquire(images=1) >= 0.05
 
 
-async def test_request_for_more_images_than_a_short_window_holds_is_counted_in_full():
-    """300 images/min is 5 per second; a request for 10 must cost 10 (two seconds' worth), not 5 (one)."""
-    limiter = RateLimiter(RateLimits(images_per_minute=300))
+async def test_request_for_more_images_than_the_burst_is_counted_in_full():
+    """300 images/min is 5 per second; a request for 10 costs 10: the next 5 images take about a second
+    more than they would after a request for 5."""
+    limiter = RateLimiter(RateLimits(images_per_minute=300, probe_first=False))
     assert await limiter.acquire(images=10) < 0.05
+    started = time.monotonic()
+    for _ in range(5):
+        await limiter.acquire(images=1)
+    assert time.monotonic() - started >= 0.9
+
+
+async def test_first_request_probes_before_the_rest_are_sent():
+    """With no configured limit, one request goes first; the rest wait for the gateway's first answer."""
+    limiter = RateLimiter(RateLimits())
+    assert await limiter.acquire() < 0.05
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(limiter.acquire(images=1), 1.25)
+        await asyncio.wait_for(limiter.acquire(), 0.3)
+    limiter.observe_headers({})
+    assert await limiter.acquire() < 0.1
+
+
+async def test_hidden_limit_is_learned_from_429s():
+    """No headers, no configured limit: the rate in force follows the gateway's refusals."""
+    limiter = RateLimiter(RateLimits(probe_first=False))
+    assert limiter.requests_per_minute is None
+    for _ in range(30):
+        await limiter.acquire()
+    for _ in range(20):  # the gateway accepted 10 of 30 in the last second
+        await limiter.on_rate_limited(0.0)
+    learned = limiter.requests_per_minute
+    assert learned == pytest.approx(10 * 60)
+    await asyncio.sleep(1.05)
+    await limiter.on_rate_limited(0.0)  # a refusal a second later cuts it by 15%
+    assert limiter.requests_per_minute == pytest.approx(learned * 0.85)
 
 
 async def test_in_flight_cap_is_respected_on_the_wire(gateway_factory):
@@ -233,7 +280,8 @@ async def test_429_storm_stays_small(gateway_factory):
     (adaptive_ok, adaptive_time), (configured_ok, _), (blind_ok, _) = await asyncio.gather(
         _storm(adaptive_gw, count, limits=RateLimits(max_in_flight=16)),
         _storm(configured_gw, count, limits=RateLimits(requests_per_minute=240, max_in_flight=16)),
-        _storm(blind_gw, count, limiter=NoFeedbackLimiter(RateLimits(max_in_flight=16)), max_attempts=4),
+        _storm(blind_gw, count, limiter=NoFeedbackLimiter(RateLimits(max_in_flight=16, probe_first=False)),
+               max_attempts=4),
     )
     adaptive_429 = adaptive_gw.stats()["rate_limited"]
     configured_429 = configured_gw.stats()["rate_limited"]
@@ -280,7 +328,7 @@ async def test_redis_limiters_share_one_budget_and_one_pause(redis_url):
 
         # A pause set through one limiter holds back the other.
         pauser, other = (
-            RateLimiter(RateLimits(backend=redis_url, namespace=namespace + "-pause")) for _ in range(2)
+            RateLimiter(RateLimits(backend=redis_url, namespace=namespace + "-pause", probe_first=False)) for _ in range(2)
         )
         try:
             assert await other.acquire() < 0.2

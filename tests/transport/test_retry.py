@@ -206,9 +206,10 @@ async def test_429_without_retry_after_still_backs_off(scripted, client_for):
 
 async def test_429_retries_exhausted_raises_rate_limit_error(scripted, client_for):
     scripted.on(GEN, _rate_limited(**{"retry-after-ms": "50"}))
-    client = client_for(scripted.base_url + "/v1", retry=RetryPolicy(max_attempts=3))
+    # 429s get their own allowance on top of max_attempts: being told to wait is not the request failing.
+    client = client_for(scripted.base_url + "/v1", retry=RetryPolicy(max_attempts=3, rate_limited_attempts=2))
     with pytest.raises(RateLimitError) as caught:
         await client.generate(small_request())
-    assert caught.value.attempts == 3 and caught.value.retry_after == pytest.approx(0.05)
-    assert len(scripted.requests_to(GEN)) == 3
-    assert client.limiter.rate_limited_count == 3
+    assert caught.value.attempts == 5 and caught.value.retry_after == pytest.approx(0.05)
+    assert len(scripted.requests_to(GEN)) == 5
+    assert client.limiter.rate_limited_count == 5
