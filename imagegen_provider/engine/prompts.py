@@ -67,10 +67,13 @@ class PromptRow:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_ID_COLUMN = "id"
+
+
 @dataclass(frozen=True)
 class PromptColumns:
     prompt: str = "prompt"
-    id: str = "id"
+    id: str = DEFAULT_ID_COLUMN
 
 
 class PromptTable:
@@ -129,6 +132,11 @@ class PromptTable:
         if prompt_col not in names:
             raise PromptTableError(
                 f"{self.description}: prompt column {prompt_col!r} not found (columns: {', '.join(names)})"
+            )
+        if not self.has_id_column and self.columns.id != DEFAULT_ID_COLUMN:
+            # The default id column is optional (ids are derived); a column the caller named is not.
+            raise PromptTableError(
+                f"{self.description}: id column {self.columns.id!r} not found (columns: {', '.join(names)})"
             )
         # A null-typed column (an empty table written from pandas, or all values null) has no wrong values:
         # an empty table yields no rows, null prompts fail their rows and null ids are rejected below.

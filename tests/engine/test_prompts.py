@@ -123,6 +123,15 @@ def test_custom_prompt_and_id_columns(tmp_path):
     assert _table_rows(table) == [(0, "u1", "a red kite"), (1, "u2", "a blue boat")]
 
 
+def test_a_named_id_column_that_is_missing_is_rejected(tmp_path):
+    """Without an ``id`` column, ids are derived; a misspelled id column must not silently do the same."""
+    path = tmp_path / "no-uid.parquet"
+    pq.write_table(pa.table({"prompt": ["a red kite"]}), path)
+    assert _table_rows(PromptTable.open(str(path)))[0][1].startswith("row00000000-")
+    with pytest.raises(PromptTableError, match="id column 'uid' not found"):
+        PromptTable.open(str(path), columns=PromptColumns(id="uid"))
+
+
 def test_integer_ids_and_per_row_overrides(tmp_path):
     path = write_prompts(
         tmp_path / "p.parquet", ["a", "b"], ids=[10, 20], seed=[5, None], quality=["hd", None], model=["dall-e-3", None]
