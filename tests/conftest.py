@@ -85,6 +85,7 @@ def s3_server() -> Iterator[dict]:
         fs = s3fs.S3FileSystem(**options)
         # No LocationConstraint: moto (like AWS) rejects an explicit us-east-1 constraint.
         fs.call_s3("create_bucket", Bucket="imagegen-test")
+        fs.invalidate_cache()
         yield {"endpoint": endpoint, "storage_options": options, "bucket": "imagegen-test"}
     finally:
         process.terminate()

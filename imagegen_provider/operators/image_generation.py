@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from airflow.sdk import Asset, BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from imagegen_provider.engine.finalize import DATASET_TABLE, finalize_output
+from imagegen_provider.engine.finalize import DATASET_TABLE, FinalizeReport, finalize_output
 from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
@@ -48,7 +48,40 @@ def metadata_asset_for(output_path: Any) -> Asset | None:
     return Asset(uri=text.rstrip("/") + "/" + DATASET_TABLE, name=f"imagegen:{text.rstrip('/')}")
 
 
-class ImageGenerationOperator(BaseOperator):
+def _with_outlet(asset: Asset | bool | None, kwargs: dict[str, Any]) -> Asset | None:
+    """Declare ``asset`` as the task's outlet (unless the caller set outlets) and return it, or ``None``."""
+    if not isinstance(asset, Asset):
+        return None
+    if not kwargs.get("outlets"):
+        kwargs["outlets"] = [asset]
+    return asset
+
+
+class _WritesDataset:
+    """What both operators do at the end: finalize the output and announce the dataset Asset."""
+
+    output_path: Any
+    prompts_path: Any
+    prompt_column: str
+    id_column: str
+    images_per_prompt: int
+    metadata_asset: Asset | None
+
+    def _finalize(self) -> FinalizeReport:
+        return finalize_output(
+            self.output_path,
+            prompts=self.prompts_path,
+            prompt_column=self.prompt_column,
+            id_column=self.id_column,
+            images_per_prompt=self.images_per_prompt,
+        )
+
+    def _emit_dataset_event(self, context: Context, **extra: Any) -> None:
+        if self.metadata_asset is not None:
+            context["outlet_events"][self.metadata_asset].extra = extra
+
+
+class ImageGenerationOperator(_WritesDataset, BaseOperator):
     """Generate one image per prompt (or ``images_per_prompt``) from a Parquet table into object storage.
 
     Images land under ``<output_path>/images/``, metadata rows under ``<output_path>/metadata/``; an
@@ -133,9 +166,9 @@ class ImageGenerationOperator(BaseOperator):
             # otherwise emit the dataset's Asset event once per mapped instance, before the dataset exists.
             writes_table = finalize if finalize is not None else shard is None
             metadata_asset = metadata_asset_for(output_path) if writes_table else None
-        if isinstance(metadata_asset, Asset) and not kwargs.get("outlets"):
-            kwargs["outlets"] = [metadata_asset]
+        outlet = _with_outlet(metadata_asset, kwargs)
         super().__init__(**kwargs)
+        self.metadata_asset = outlet
         self.prompts_path = prompts_path
         self.output_path = output_path
         self.imagegen_conn_id = imagegen_conn_id
@@ -158,7 +191,6 @@ class ImageGenerationOperator(BaseOperator):
         self.max_failed_fraction = max_failed_fraction
         self.rate_limits = dict(rate_limits or {})
         self.prices = prices
-        self.metadata_asset = metadata_asset if isinstance(metadata_asset, Asset) else None
         self.progress_interval = progress_interval
 
     @cached_property
@@ -216,30 +248,19 @@ class ImageGenerationOperator(BaseOperator):
         summary = asyncio.run(self._run(config))
         result: dict[str, Any] = {"run": summary.to_dict()}
         should_finalize = self.finalize if self.finalize is not None else self.shard is None
-        if should_finalize and not summary.dry_run:
-            report = finalize_output(
-                self.output_path,
-                prompts=self.prompts_path,
-                prompt_column=self.prompt_column,
-                id_column=self.id_column,
-                images_per_prompt=self.images_per_prompt,
-            )
+        report = self._finalize() if should_finalize and not summary.dry_run else None
+        if report is not None:
             result["dataset"] = report.brief()
-        self._emit_asset_event(context, result)
+        self._emit_dataset_event(
+            context,
+            output_uri=summary.output_uri,
+            metadata_uri=summary.metadata_uri,
+            dataset_uri=report.dataset_uri if report is not None else None,
+            succeeded=summary.succeeded,
+            cost_usd=summary.cost_usd,
+        )
         self._raise_for(summary)
         return result
-
-    def _emit_asset_event(self, context: Context, result: dict[str, Any]) -> None:
-        if self.metadata_asset is None:
-            return
-        run = result["run"]
-        context["outlet_events"][self.metadata_asset].extra = {
-            "output_uri": run["output_uri"],
-            "metadata_uri": run["metadata_uri"],
-            "dataset_uri": result.get("dataset", {}).get("dataset_uri"),
-            "succeeded": run["succeeded"],
-            "cost_usd": run["cost_usd"],
-        }
 
     def _raise_for(self, summary: RunSummary) -> None:
         reason = summary.stopped_reason or ""
@@ -255,7 +276,7 @@ class ImageGenerationOperator(BaseOperator):
             )
 
 
-class ImageDatasetFinalizeOperator(BaseOperator):
+class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
     """After the mapped generation tasks: check completeness, compact the metadata into
     ``<output>/metadata.parquet`` (Hugging Face ``imagefolder`` layout), write ``run_summary.json`` and emit
     the dataset Asset.
@@ -283,36 +304,29 @@ class ImageDatasetFinalizeOperator(BaseOperator):
     ) -> None:
         if metadata_asset is None:
             metadata_asset = metadata_asset_for(output_path)
-        if isinstance(metadata_asset, Asset) and not kwargs.get("outlets"):
-            kwargs["outlets"] = [metadata_asset]
+        outlet = _with_outlet(metadata_asset, kwargs)
         super().__init__(**kwargs)
+        self.metadata_asset = outlet
         self.output_path = output_path
         self.prompts_path = prompts_path
         self.images_per_prompt = images_per_prompt
         self.prompt_column = prompt_column
         self.id_column = id_column
         self.fail_if_incomplete = fail_if_incomplete
-        self.metadata_asset = metadata_asset if isinstance(metadata_asset, Asset) else None
 
     def execute(self, context: Context) -> dict[str, Any]:
-        report = finalize_output(
-            self.output_path,
-            prompts=self.prompts_path,
-            prompt_column=self.prompt_column,
-            id_column=self.id_column,
-            images_per_prompt=self.images_per_prompt,
-        )
+        report = self._finalize()
         for prompt_id, index, error_type in report.failed_images[:50]:
             self.log.warning("Failed image: %s #%s (%s)", prompt_id, index, error_type)
         for prompt_id, index in report.missing_images[:50]:
             self.log.warning("Missing image: %s #%s", prompt_id, index)
-        if self.metadata_asset is not None:
-            context["outlet_events"][self.metadata_asset].extra = {
-                "output_uri": report.output_uri,
-                "dataset_uri": report.dataset_uri,
-                "succeeded": report.succeeded,
-                "cost_usd": report.total_cost_usd,
-            }
+        self._emit_dataset_event(
+            context,
+            output_uri=report.output_uri,
+            dataset_uri=report.dataset_uri,
+            succeeded=report.succeeded,
+            cost_usd=report.total_cost_usd,
+        )
         if self.fail_if_incomplete and not report.complete:
             raise AirflowException(
                 f"Dataset incomplete: {report.failed} failed and {report.missing} missing images "

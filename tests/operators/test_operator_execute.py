@@ -194,7 +194,7 @@ def test_object_storage_path_on_local_files(prompts_file, tmp_path, make_conn):
 
 
 @pytest.fixture
-def s3_store(moto_s3):
+def s3_store(s3_server):
     """Attach an S3 filesystem for a throwaway conn id. There is no Amazon provider in this environment, so
     ``ObjectStoragePath("s3://…", conn_id=…)`` has no registered s3 filesystem of its own; ``attach(fs=…)`` is
     Airflow's supported way to hand it one."""
@@ -203,7 +203,7 @@ def s3_store(moto_s3):
     from airflow.sdk.io.store import _STORE_CACHE
 
     conn_id = "imagegen_test_moto"
-    fs = s3fs.S3FileSystem(**moto_s3["storage_options"])
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
     alias = f"s3-{conn_id}"
     previous = _STORE_CACHE.pop(alias, None)
     attach("s3", conn_id=conn_id, fs=fs)
@@ -213,9 +213,9 @@ def s3_store(moto_s3):
         _STORE_CACHE[alias] = previous
 
 
-def test_object_storage_path_on_s3(moto_s3, s3_store, prompts_file, tmp_path, make_conn):
+def test_object_storage_path_on_s3(s3_server, s3_store, prompts_file, tmp_path, make_conn):
     conn_id, fs = s3_store
-    bucket = moto_s3["bucket"]
+    bucket = s3_server["bucket"]
     key = f"operator-{uuid.uuid4().hex[:8]}"
     fs.put_file(str(prompts_file), f"{bucket}/{key}/prompts.parquet")
     prompts = ObjectStoragePath(f"s3://{bucket}/{key}/prompts.parquet", conn_id=conn_id)
