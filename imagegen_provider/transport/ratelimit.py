@@ -381,10 +381,14 @@ class RateLimiter:
 
     # -- feedback from the gateway -------------------------------------------------------------
 
+    @property
+    def _pause_key(self) -> str:
+        return f"imagegen:{self.limits.namespace}:pause_until"
+
     async def _pause_remaining(self) -> float:
         now = time.time()
         if self._redis is not None:
-            value = await self._redis.get(f"imagegen:{self.limits.namespace}:pause_until")
+            value = await self._redis.zscore(self._pause_key, "until")
             if value is not None:
                 self._pause_until = max(self._pause_until, float(value))
         return self._pause_until - now
@@ -397,10 +401,10 @@ class RateLimiter:
             return
         self._pause_until = until
         if self._redis is not None:
-            key = f"imagegen:{self.limits.namespace}:pause_until"
-            current = await self._redis.get(key)
-            if current is None or float(current) < until:
-                await self._redis.set(key, repr(until), px=max(1, int(seconds * 1000) + 1000))
+            # A sorted set with ZADD GT keeps the latest deadline atomically (Redis >= 6.2): two processes
+            # rate-limited at once can never shorten each other's pause. A deadline in the past is no pause,
+            # so the key needs no expiry.
+            await self._redis.zadd(self._pause_key, {"until": until}, gt=True)
 
     async def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429 arrived: pause everyone for Retry-After (or a short default) so waiting requests do not

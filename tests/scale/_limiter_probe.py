@@ -80,7 +80,7 @@ async def hit429(args: argparse.Namespace) -> dict:
             rate_limited_at = time.time()
             # The shared pause as every other process sees it: the Redis key the limiter wrote.
             redis = aioredis.from_url(args.backend)
-            until = await redis.get(f"imagegen:{args.namespace}:pause_until")
+            until = await redis.zscore(f"imagegen:{args.namespace}:pause_until", "until")
             await redis.aclose()
             return {
                 "first_ok": first_ok,

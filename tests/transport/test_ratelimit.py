@@ -333,6 +333,10 @@ async def test_redis_limiters_share_one_budget_and_one_pause(redis_url):
         try:
             assert await other.acquire() < 0.2
             await pauser.pause(0.6)
+            # A shorter pause from another process never shortens the shared one.
+            shorter = RateLimiter(RateLimits(backend=redis_url, namespace=namespace + "-pause", probe_first=False))
+            await shorter.pause(0.05)
+            await shorter.aclose()
             assert await other.acquire() >= 0.5
         finally:
             await pauser.aclose()
