@@ -161,12 +161,16 @@ class _AdaptiveRate:
         self._refused.append(now)
         self._last_refusal = now
         if self.rate is None or now - self._first_refusal < self.MIN_INTERVAL:
-            # The first wave's refusals arrive one by one: keep refining what the gateway accepted over the
-            # last second (sent minus refused) until the wave is over.
+            # The first wave's refusals arrive one by one: keep refining what the gateway accepted, over a
+            # window that starts a second before the first refusal and grows (a sliding window would drop
+            # the wave's sends before their refusals, and conclude the gateway accepted nothing).
             if self.rate is None:
                 self._first_refusal = now
-            accepted = sum(1 for t in self._sent if t >= now - 1.0) - sum(1 for t in self._refused if t >= now - 1.0)
-            self.rate = float(max(1, accepted)) if self.rate is None else min(self.rate, float(max(1, accepted)))
+            since = self._first_refusal - 1.0
+            sent = sum(1 for t in self._sent if t >= since)
+            refused = sum(1 for t in self._refused if t >= since)
+            estimate = max(1.0, (sent - refused) / (now - since))
+            self.rate = estimate if self.rate is None else min(self.rate, estimate)
             self._last_change = now
             log.debug("First refusals from the gateway; pacing at %.2f requests/s", self.rate)
             return
