@@ -166,12 +166,13 @@ def _exit_code(result: dict[str, Any]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from imagegen_provider.transport.client import quiet_request_logs
     from imagegen_provider.wire.errors import ImageGenError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        result = asyncio.run(_run(args))
+        with quiet_request_logs():
+            result = asyncio.run(_run(args))
     except (ImageGenError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

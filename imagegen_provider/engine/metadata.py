@@ -112,6 +112,9 @@ class MetadataSink:
         self.parts_written.append(write_part(self.location, rows_to_table(rows), self.writer))
         # The part is durable: the journal entries are now redundant.
         self.location.remove(journal)
+        # Arrow's allocator (mimalloc) keeps freed pages for reuse; a long run writes hundreds of parts and
+        # its resident memory would grow with the table instead of staying flat (bench: memory case).
+        pa.default_memory_pool().release_unused()
 
     def recover(self) -> int:
         """Fold a crashed predecessor's journal (same writer) into a part. Returns the rows recovered."""

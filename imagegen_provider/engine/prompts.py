@@ -211,6 +211,10 @@ class PromptTable:
         overrides = self.override_columns
         for position, batch in self._batches(columns, start, stop):
             data = batch.to_pydict()
+            del batch
+            # Arrow's allocator keeps freed pages for reuse; give them back so that resident memory stays
+            # bounded by one batch, not by the table (bench: memory case).
+            pa.default_memory_pool().release_unused()
             prompts = data[self.columns.prompt]
             ids = data.get(self.columns.id)
             for offset, prompt in enumerate(prompts):

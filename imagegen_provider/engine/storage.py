@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import posixpath
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ def is_temp_file(path: str) -> bool:
     return posixpath.basename(path).startswith(".") and path.endswith(TEMP_SUFFIX)
 
 
+_MADE_DIRS_KEPT = 1024
+
+
 def _is_local(fs: AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return any(p in ("file", "local") for p in protocols)
@@ -38,7 +42,8 @@ class StorageLocation:
 
     fs: AbstractFileSystem
     root: str
-    _made_dirs: set[str] = field(default_factory=set, repr=False)
+    #: Folders known to exist, most recent last; bounded, since every prompt id has its own folder.
+    _made_dirs: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
 
     @classmethod
     def from_url(cls, url: Any, storage_options: Mapping[str, Any] | None = None) -> StorageLocation:
@@ -69,9 +74,13 @@ class StorageLocation:
         if not _is_local(self.fs):
             return
         parent = posixpath.dirname(path)
-        if parent not in self._made_dirs:
-            self.fs.makedirs(parent, exist_ok=True)
-            self._made_dirs.add(parent)
+        if parent in self._made_dirs:
+            self._made_dirs.move_to_end(parent)
+            return
+        self.fs.makedirs(parent, exist_ok=True)
+        self._made_dirs[parent] = None
+        if len(self._made_dirs) > _MADE_DIRS_KEPT:
+            self._made_dirs.popitem(last=False)
 
     def write_bytes(self, relative: str, data: bytes, *, atomic: bool = False) -> str:
         """Write ``data`` (whole object, replacing any previous one) and return its full path.

@@ -80,6 +80,8 @@ class GatewayConfig:
     url_cache_size: int = 2000
     #: How many encoded images the renderer keeps (benchmarks request the same image many times).
     render_cache_size: int = 256
+    #: ``flat`` images encode to a few KB; ``photo`` ones have the entropy (and size) of real model output.
+    image_detail: str = "flat"
     #: Default ``response_format`` of non-GPT models when the request names none (OpenAI's is ``url``).
     default_response_format: ResponseFormat = "url"
     #: A prompt containing this word (case-insensitive) is refused as a content-policy violation.
@@ -111,6 +113,8 @@ class GatewayConfig:
             problems.append("balance_usd must not be negative")
         if self.url_ttl_seconds <= 0:
             problems.append("url_ttl_seconds must be positive")
+        if self.image_detail not in ("flat", "photo"):
+            problems.append("image_detail must be 'flat' or 'photo'")
         if self.url_cache_size < 1 or self.render_cache_size < 0:
             problems.append("url_cache_size must be >= 1 and render_cache_size >= 0")
         if self.default_response_format not in ("url", "b64_json"):
@@ -302,6 +306,12 @@ def add_gateway_arguments(parser: argparse.ArgumentParser, *, server_options: bo
         help="How many encoded images are cached, keyed by their parameters (default 256).",
     )
     images.add_argument(
+        "--image-detail", choices=("flat", "photo"), default="flat",
+        help="flat (default): images encode to a few KB, fast for tests. photo: smooth noise gives images the "
+        "size of real model output (a 1024x1024 PNG is about 2 MB), for client benchmarks; slower to render "
+        "(cached).",
+    )
+    images.add_argument(
         "--default-response-format",
         choices=("url", "b64_json"),
         default="url",
@@ -346,6 +356,7 @@ def config_from_args(ns: argparse.Namespace) -> GatewayConfig:
         url_ttl_seconds=ns.url_ttl_seconds,
         url_cache_size=ns.url_cache_size,
         render_cache_size=ns.render_cache_size,
+        image_detail=ns.image_detail,
         default_response_format=ns.default_response_format,
         content_policy_trigger=ns.content_policy_trigger or None,
         public_base_url=ns.public_base_url,

@@ -89,11 +89,28 @@ def _pattern(spec: RenderSpec) -> Image.Image:
     return Image.frombytes(mode, (cells, cells), bytes(pixels))
 
 
-def render(spec: RenderSpec) -> bytes:
+#: Image detail levels: ``flat`` encodes to a few KB (fast tests); ``photo`` adds smooth noise so that encoded
+#: sizes are those of real model output (a 1024x1024 PNG of about 2 MB), for benchmarks of the client.
+DETAILS = ("flat", "photo")
+
+
+def _texture(spec: RenderSpec, size: tuple[int, int]) -> Image.Image:
+    """Deterministic smooth noise at full size: random cells a quarter of the size, scaled up bilinearly."""
+    cells = (max(1, size[0] // 4), max(1, size[1] // 4))
+    noise = hashlib.shake_256(spec.digest() + b"texture").digest(cells[0] * cells[1] * 3)
+    return Image.frombytes("RGB", cells, noise).resize(size, Image.Resampling.BILINEAR)
+
+
+def render(spec: RenderSpec, detail: str = "flat") -> bytes:
     """Encode the image of ``spec`` (no caching; see :class:`Renderer`)."""
     if spec.output_format not in _PIL_FORMATS:
         raise ValueError(f"unsupported output_format {spec.output_format!r}")
     image = _pattern(spec).resize((spec.width, spec.height), Image.Resampling.NEAREST)
+    if detail == "photo":
+        textured = Image.blend(image.convert("RGB"), _texture(spec, image.size), 0.5)
+        if image.mode == "RGBA":
+            textured.putalpha(image.getchannel("A"))
+        image = textured
     buffer = io.BytesIO()
     if spec.output_format == "png":
         # Level 1: an order of magnitude faster than the default and still a valid, smallish PNG.
@@ -111,8 +128,11 @@ def render(spec: RenderSpec) -> bytes:
 class Renderer:
     """:func:`render` behind a thread-safe LRU cache (rendering runs in worker threads)."""
 
-    def __init__(self, cache_size: int = 256) -> None:
+    def __init__(self, cache_size: int = 256, detail: str = "flat") -> None:
+        if detail not in DETAILS:
+            raise ValueError(f"detail must be one of {', '.join(DETAILS)}")
         self._cache_size = cache_size
+        self._detail = detail
         self._cache: OrderedDict[RenderSpec, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -137,7 +157,7 @@ class Renderer:
             self.misses += 1
         # Encoding happens outside the lock: two threads may render the same spec once each, which is
         # harmless (same bytes) and better than serialising all rendering.
-        data = render(spec)
+        data = render(spec, self._detail)
         if self._cache_size:
             with self._lock:
                 self._cache[spec] = data

@@ -115,7 +115,7 @@ class GatewayState:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.renderer = Renderer(config.render_cache_size)
+        self.renderer = Renderer(config.render_cache_size, config.image_detail)
         #: Renders in progress, so concurrent requests for the same image wait for one render.
         self.rendering: dict[RenderSpec, anyio.Event] = {}
         self.files = FileStore(config.url_cache_size, config.url_ttl_seconds)

@@ -17,6 +17,7 @@ from imagegen_provider.engine.finalize import DATASET_TABLE, FinalizeReport, fin
 from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
+from imagegen_provider.transport.client import quiet_request_logs
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -243,9 +244,8 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             "Generating from %s into %s through %s",
             self.prompts_path, self.output_path, self.hook.settings.describe(),
         )
-        # One line per HTTP request would drown the progress lines in the task log.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-        summary = asyncio.run(self._run(config))
+        with quiet_request_logs():
+            summary = asyncio.run(self._run(config))
         result: dict[str, Any] = {"run": summary.to_dict()}
         should_finalize = self.finalize if self.finalize is not None else self.shard is None
         report = self._finalize() if should_finalize and not summary.dry_run else None

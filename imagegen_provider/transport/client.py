@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream
 from httpx_sse import aconnect_sse
 
 from imagegen_provider import __version__
@@ -78,6 +82,54 @@ class Generation:
     dropped_fields: tuple[str, ...] = ()
 
 
+class _LargeChunkStream(AiohttpResponseStream):
+    # Image responses are megabytes of base64: read them in 1 MiB pieces, not 16 KiB ones (each piece costs
+    # a trip through aiohttp's and httpx's stream layers: ~2 ms per 2 MB image).
+    CHUNK_SIZE = 1 << 20
+
+
+class _Transport(AiohttpTransport):
+    """httpx over aiohttp's connection pool, reading bodies in large pieces."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if isinstance(response.stream, AiohttpResponseStream):
+            response.stream = _LargeChunkStream(response.stream._aiohttp_response)  # noqa: SLF001
+        return response
+
+
+@contextmanager
+def quiet_request_logs() -> Iterator[None]:
+    """httpx logs one INFO line per request: in a batch of thousands they drown the progress lines. Raise
+    its level for the duration of a run, and put it back after (the caller's process may want them)."""
+    logger = logging.getLogger("httpx")
+    previous = logger.level
+    logger.setLevel(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def describe_transport_error(exc: httpx.TransportError) -> str:
+    """What went wrong on the wire, in words and exception class names only: the exceptions' own messages
+    can quote the request. Under the aiohttp transport the httpx class is a mapping (a refused connection
+    arrives as ``ConnectTimeout``); the aiohttp cause says what really happened."""
+    cause = exc.__cause__
+    names = {type(exc).__name__, type(cause).__name__ if cause is not None else ""}
+    if names & {"ConnectError", "ClientConnectorError"}:
+        kind = "could not connect"
+    elif names & {"ServerDisconnectedError", "RemoteProtocolError", "ReadError", "ClientPayloadError",
+                  "ClientOSError", "WriteError"}:
+        kind = "connection dropped"
+    elif isinstance(exc, httpx.TimeoutException):
+        kind = "timed out"
+    else:
+        kind = "transport error"
+    detail = type(cause).__name__ if cause is not None else type(exc).__name__
+    return f"{kind} ({detail})"
+
+
 class ImageGenClient:
     """Async client for ``POST {base_url}/images/generations`` in one dialect.
 
@@ -118,12 +170,17 @@ class ImageGenClient:
         headers = {"User-Agent": f"airflow-provider-imagegen/{__version__}"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+        if transport is None:
+            # httpx's own pool (httpcore) re-checks every pooled connection on each request and response:
+            # with 16+ requests in flight that was half of the client's CPU per image (3.7 ms → 2.1 ms with
+            # aiohttp's pool, measured with bench's overhead case). The httpx API stays; only the pool changes.
+            transport = _Transport(verify=default_ssl_context(), limits=limits)
         self._http = httpx.AsyncClient(
             timeout=timeouts.to_httpx(),
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            limits=limits,
             headers=headers,
             transport=transport,
-            verify=default_ssl_context() if transport is None else True,
         )
         self._downloader = ImageDownloader(max_bytes=max_image_bytes, transport=download_transport)
 
@@ -227,7 +284,7 @@ class ImageGenClient:
         except httpx.TransportError as exc:
             # Timeouts, resets, dropped connections. The message is the exception class only: httpx
             # messages can quote the request.
-            error = GatewayConnectionError(f"{type(exc).__name__} talking to {self.endpoint}")
+            error = GatewayConnectionError(f"{describe_transport_error(exc)} talking to {self.endpoint}")
             log.warning("Attempt failed: %s", error)
             raise error from None
         except ImageGenError as exc:

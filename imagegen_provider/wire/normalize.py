@@ -20,8 +20,21 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
+
 from imagegen_provider.wire.errors import GatewayError, MalformedResponseError, excerpt
 from imagegen_provider.wire.result import GeneratedImage, GenerationResult, Usage
+
+
+def loads(body: bytes | str) -> Any:
+    """Parse JSON with orjson (a 1024x1024 image is ~2.7 MB of JSON: orjson parses it in about half the time
+    of the standard library), falling back to the standard library for what orjson refuses (integers beyond
+    64 bits, NaN), which JSON allows."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
 
 PARTIAL_EVENT = "image_generation.partial_image"
 COMPLETED_EVENT = "image_generation.completed"
@@ -148,7 +161,7 @@ def normalize_response(
         payload: Any = body
     else:
         try:
-            payload = json.loads(body)
+            payload = loads(body)
         except ValueError:
             raise MalformedResponseError(
                 "body is not JSON",
@@ -208,7 +221,7 @@ def normalize_stream(
         if not raw or raw.strip() == "[DONE]":
             continue
         try:
-            event = json.loads(raw)
+            event = loads(raw)
         except ValueError:
             raise MalformedResponseError(f"stream event {name!r} is not JSON", request_id=request_id) from None
         if not isinstance(event, Mapping):

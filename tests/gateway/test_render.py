@@ -101,3 +101,14 @@ def test_large_images_render_quickly() -> None:
     data = render(replace(BASE, width=1024, height=1024))
     assert time.perf_counter() - start < 1.0
     assert _open(data).size == (1024, 1024)
+
+
+def test_photo_detail_has_the_size_of_real_model_output_and_stays_deterministic():
+    spec = RenderSpec(prompt="a lighthouse", seed=7, model="gpt-image-1", width=1024, height=1024)
+    photo = render(spec, "photo")
+    assert 1_000_000 < len(photo) < 4_000_000  # real gpt-image-1 1024x1024 PNGs are 1-3 MB
+    assert len(render(spec)) < 100_000  # flat stays small for fast tests
+    assert render(spec, "photo") == photo
+    assert render(RenderSpec(prompt="a lighthouse", seed=8, model="gpt-image-1", width=1024, height=1024), "photo") != photo
+    with Image.open(io.BytesIO(photo)) as image:
+        assert image.format == "PNG" and image.size == (1024, 1024)

@@ -262,4 +262,4 @@ async def test_connection_refused_is_connection_error(client_for):
     with pytest.raises(GatewayConnectionError) as caught:
         await client.generate(small_request())
     assert caught.value.attempts == 2
-    assert "ConnectError" in str(caught.value)
+    assert "could not connect" in str(caught.value)

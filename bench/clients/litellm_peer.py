@@ -1,0 +1,87 @@
+"""Peer (c): LiteLLM's ``Router``, configured to enforce the limit itself when it is known.
+
+``Router(model_list=[{"model_name": "img", "litellm_params": {"model": "openai/dall-e-2", "api_base": ...,
+"api_key": ..., "rpm": R}}], num_retries=..., routing_strategy="usage-based-routing-v2")`` and
+``await router.aimage_generation(model="img", prompt=..., ...)`` under ``asyncio.Semaphore(C)``.
+
+Why ``usage-based-routing-v2``: in LiteLLM a deployment's ``rpm`` is only *enforced* by that strategy
+(``LowestTPMLoggingHandler_v2.async_pre_call_check`` counts requests per calendar minute, inside the
+deployment slot, and refuses a call over the limit with a local RateLimitError that the Router retries
+after a backoff); with the default ``simple-shuffle`` the rpm is only a routing weight. When the limit is
+unknown (hidden-limit case) no rpm is given and the default strategy is used: LiteLLM then relies on the
+gateway's 429 + Retry-After and its own retries. The Router's underlying OpenAI client has
+``max_retries=0`` (LiteLLM's default for Routers), so every retry is the Router's.
+
+Spec keys: base_url, prompts, output, request, concurrency, num_retries, rpm (or null), model, result_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from collections import Counter
+
+from bench.clients.common import Window, count_files, load_spec, read_prompts, write_result
+
+
+async def run(spec: dict) -> dict:
+    import litellm
+    from litellm import Router
+
+    litellm.suppress_debug_info = True
+    litellm.telemetry = False
+    logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+    logging.getLogger("LiteLLM Router").setLevel(logging.WARNING)
+
+    prompts = read_prompts(spec["prompts"])
+    out = spec["output"]
+    os.makedirs(out, exist_ok=True)
+    request = dict(spec["request"])
+    model = request.pop("model")
+    params = {"model": f"openai/{model}", "api_base": spec["base_url"], "api_key": "bench"}
+    router_kwargs: dict = {"num_retries": spec["num_retries"], "timeout": 300}
+    if spec.get("rpm"):
+        params["rpm"] = int(spec["rpm"])
+        router_kwargs["routing_strategy"] = "usage-based-routing-v2"
+    router = Router(model_list=[{"model_name": "img", "litellm_params": params}], **router_kwargs)
+    failures: Counter[str] = Counter()
+    window = Window()
+    semaphore = asyncio.Semaphore(spec["concurrency"])
+
+    async def one(prompt_id: str, prompt: str) -> bool:
+        async with semaphore:
+            try:
+                response = await router.aimage_generation(model="img", prompt=prompt, **request)
+                data = base64.b64decode(response.data[0].b64_json)
+                with open(os.path.join(out, f"{prompt_id}.png"), "wb") as handle:
+                    handle.write(data)
+                return True
+            except Exception as exc:  # noqa: BLE001
+                failures[type(exc).__name__] += 1
+                return False
+
+    results = await asyncio.gather(*(one(pid, prompt) for pid, prompt in prompts))
+    window.stop()
+    files, size = count_files(out)
+    return window.result(
+        n=len(prompts),
+        succeeded=sum(results),
+        failed=len(results) - sum(results),
+        failures=dict(failures),
+        images_kept=files,
+        bytes_kept=size,
+        routing_strategy=router_kwargs.get("routing_strategy", "simple-shuffle"),
+    )
+
+
+def main() -> None:
+    spec = load_spec()
+    write_result(spec, asyncio.run(run(spec)))
+    # LiteLLM leaves logging workers behind; do not wait for them.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
