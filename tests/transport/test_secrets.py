@@ -50,6 +50,10 @@ def _leaking_records(records: list[logging.LogRecord], secret: str) -> list[str]
 
 async def test_key_absent_from_errors_and_debug_logs(gateway_factory, client_for, caplog):
     caplog.set_level(logging.DEBUG)
+    # Importing Airflow (any earlier test in the session) raises httpx's logger to WARNING; open the HTTP
+    # stack's loggers explicitly so that their records are part of what is checked.
+    for name in ("httpx", "httpcore", "aiohttp"):
+        caplog.set_level(logging.DEBUG, logger=name)
     errors: list[BaseException] = []
 
     wrong_gw = gateway_factory(GatewayConfig(api_key=KEY))
