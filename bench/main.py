@@ -22,7 +22,9 @@ from bench.cases import CASES, FULL, QUICK, TARGETS, Ctx, with_overrides
 from bench.machine import describe
 from bench.procs import REGISTRY, BenchError, install_signal_handlers
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest"
+RESULTS = Path(__file__).resolve().parent / "results"
+#: The full run's folder is committed (the README links it); a quick run must not overwrite it.
+DEFAULT_OUT = {False: RESULTS / "latest", True: RESULTS / "quick"}
 def _cases(text: str | None) -> list[str]:
     if not text:
         return list(CASES)
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="CI size: N=300 per client, 1k vs 10k prompts for memory, no peers in the overhead "
                              "case, and the clients of a case run side by side (under 3 minutes on 2 cores).")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"Results folder (default {DEFAULT_OUT}).")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"Results folder (default {DEFAULT_OUT[False]}, or {DEFAULT_OUT[True]} with --quick).")
     parser.add_argument("--cases", type=_cases, default=None,
                         help=f"Comma-separated subset of: {', '.join(CASES)} (default: all).")
     parser.add_argument("--rpm", type=int, help="Override the gateway limit R of the rate-limited cases.")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cases = args.cases or list(CASES)
     params = with_overrides(QUICK if args.quick else FULL, rpm=args.rpm, n=args.n, parallel=args.parallel)
-    out: Path = args.out.resolve()
+    out: Path = (args.out or DEFAULT_OUT[args.quick]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     if logs.exists():

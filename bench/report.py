@@ -152,6 +152,17 @@ def markdown(results: dict[str, Any]) -> str:
                           f"**{base} ms** for the bare baseline = **{case['engine_ratio_to_baseline']}×**; "
                           f"{case['engine_overhead_ms_per_image_over_baseline']} ms per image over the baseline, plus "
                           f"{case['engine_fixed_cpu_s_per_run']} s of fixed CPU per run."]
+            parse = case.get("json_parse_ms_per_image")
+            if parse and base:
+                lines += ["", f"Parsing the {case['b64_chars']:,}-character JSON body alone (orjson) costs **{parse} ms** "
+                              f"per image, {round(parse / base, 2)}× the bare baseline: any client that receives the image "
+                              f"as JSON is at ≥ {round((base + parse) / base, 2)}× before it has read a byte from the "
+                              f"socket."]
+            if case.get("baseline_stdlib_cpu_ms_per_image"):
+                lines += ["", f"The engine decodes base64 with pybase64, and so does the bare baseline the target is "
+                              f"judged on. With the stdlib's decoder, as a hand-written script would do it, the bare "
+                              f"baseline costs **{case['baseline_stdlib_cpu_ms_per_image']} ms** per image: the whole "
+                              f"engine path is **{case['engine_ratio_to_stdlib_baseline']}×** that."]
         elif name == "memory":
             rows = [[r["label"], f"{r['n']:,}", _mb(r["peak_rss_mb"]), _s(r["cpu_s"]), _f(r["work_cpu_ms_per_image"], 2),
                      _s(r["images_per_s"]), _s(r["wall_s"]), _gw(r), _t(r, "memory_ratio")]

@@ -14,13 +14,13 @@ Shapes handled (unknown extra fields are ignored everywhere):
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
+import pybase64
 
 from imagegen_provider.wire.errors import GatewayError, MalformedResponseError, excerpt
 from imagegen_provider.wire.result import GeneratedImage, GenerationResult, Usage
@@ -115,7 +115,9 @@ def decode_b64_image(value: str, *, request_id: str | None = None) -> bytes:
     if value.startswith("data:"):
         value = value.partition(",")[2]
     try:
-        data = base64.b64decode(value, validate=True)
+        # pybase64 (SIMD) rather than the stdlib: the same strict rules and errors, but a 2 MB image decodes
+        # in ~0.25 ms instead of ~10 ms, which was half the client's CPU per image (bench overhead case).
+        data = pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise MalformedResponseError("bad base64 in b64_json", request_id=request_id) from None
     if not data:
