@@ -20,7 +20,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
@@ -103,11 +103,25 @@ def child_env() -> dict[str, str]:
     return env
 
 
+class _Server:
+    """A started server process and its log file, both let go by :meth:`stop` (safe to call twice)."""
+
+    proc: subprocess.Popen | None
+    _log: IO[str] | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            REGISTRY.stop(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
 # -- the gateway ----------------------------------------------------------------------------------------
 
 
 @dataclass
-class Gateway:
+class Gateway(_Server):
     """``python -m imagegen_provider.gateway`` as a real server on loopback."""
 
     args: list[str]
@@ -186,19 +200,12 @@ class Gateway:
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            REGISTRY.stop(self.proc)
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
 
 # -- redis ----------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Redis:
+class Redis(_Server):
     log_path: Path
     proc: subprocess.Popen | None = None
     port: int = 0
@@ -234,13 +241,6 @@ class Redis:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            REGISTRY.stop(self.proc)
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
 
 
 # -- measured children ----------------------------------------------------------------------------------

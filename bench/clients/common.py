@@ -7,11 +7,13 @@ measures the whole process with ``wait4``.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,12 @@ def count_files(folder: str | os.PathLike[str], suffixes: tuple[str, ...] = (".p
     return files, size
 
 
+def save_b64_image(out: str, prompt_id: str, b64_json: str) -> None:
+    """What a hand-written peer script does with each image: decode it and write it to a file."""
+    with open(os.path.join(out, f"{prompt_id}.png"), "wb") as handle:
+        handle.write(base64.b64decode(b64_json))
+
+
 class Window:
     """The measured work window of a client."""
 
@@ -78,3 +86,20 @@ def write_result(spec: dict[str, Any], result: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str))
     tmp.replace(path)
+
+
+def peer_result(window: Window, out: str, outcomes: list[bool], failures: Counter[str],
+                **fields: Any) -> dict[str, Any]:
+    """The result of a peer script: one outcome per prompt, failures counted by exception type."""
+    window.stop()
+    files, size = count_files(out)
+    succeeded = sum(outcomes)
+    return window.result(
+        n=len(outcomes),
+        succeeded=succeeded,
+        failed=len(outcomes) - succeeded,
+        failures=dict(failures),
+        images_kept=files,
+        bytes_kept=size,
+        **fields,
+    )

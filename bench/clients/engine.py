@@ -61,9 +61,11 @@ async def run(spec: dict) -> dict:
 
 def main() -> None:
     spec = load_spec()
+    from imagegen_provider.transport.client import quiet_request_logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    write_result(spec, asyncio.run(run(spec)))
+    with quiet_request_logs():
+        write_result(spec, asyncio.run(run(spec)))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ Spec keys: base_url, prompts, output, request, concurrency, num_retries, rpm (or
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 from collections import Counter
 
-from bench.clients.common import Window, count_files, load_spec, read_prompts, write_result
+from bench.clients.common import Window, load_spec, peer_result, read_prompts, save_b64_image, write_result
 
 
 async def run(spec: dict) -> dict:
@@ -54,26 +53,15 @@ async def run(spec: dict) -> dict:
         async with semaphore:
             try:
                 response = await router.aimage_generation(model="img", prompt=prompt, **request)
-                data = base64.b64decode(response.data[0].b64_json)
-                with open(os.path.join(out, f"{prompt_id}.png"), "wb") as handle:
-                    handle.write(data)
+                save_b64_image(out, prompt_id, response.data[0].b64_json)
                 return True
             except Exception as exc:  # noqa: BLE001
                 failures[type(exc).__name__] += 1
                 return False
 
     results = await asyncio.gather(*(one(pid, prompt) for pid, prompt in prompts))
-    window.stop()
-    files, size = count_files(out)
-    return window.result(
-        n=len(prompts),
-        succeeded=sum(results),
-        failed=len(results) - sum(results),
-        failures=dict(failures),
-        images_kept=files,
-        bytes_kept=size,
-        routing_strategy=router_kwargs.get("routing_strategy", "simple-shuffle"),
-    )
+    return peer_result(window, out, results, failures,
+                       routing_strategy=router_kwargs.get("routing_strategy", "simple-shuffle"))
 
 
 def main() -> None:

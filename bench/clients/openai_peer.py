@@ -10,11 +10,10 @@ Spec keys: base_url, prompts, output, request, concurrency, max_retries, result_
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 from collections import Counter
 
-from bench.clients.common import Window, count_files, load_spec, read_prompts, write_result
+from bench.clients.common import Window, load_spec, peer_result, read_prompts, save_b64_image, write_result
 
 
 async def run(spec: dict) -> dict:
@@ -33,9 +32,7 @@ async def run(spec: dict) -> dict:
         async with semaphore:
             try:
                 response = await client.images.generate(prompt=prompt, **request)
-                data = base64.b64decode(response.data[0].b64_json)
-                with open(os.path.join(out, f"{prompt_id}.png"), "wb") as handle:
-                    handle.write(data)
+                save_b64_image(out, prompt_id, response.data[0].b64_json)
                 return True
             except Exception as exc:  # noqa: BLE001 - count and carry on, like a batch script
                 failures[type(exc).__name__] += 1
@@ -43,16 +40,7 @@ async def run(spec: dict) -> dict:
 
     async with client:
         results = await asyncio.gather(*(one(pid, prompt) for pid, prompt in prompts))
-    window.stop()
-    files, size = count_files(out)
-    return window.result(
-        n=len(prompts),
-        succeeded=sum(results),
-        failed=len(results) - sum(results),
-        failures=dict(failures),
-        images_kept=files,
-        bytes_kept=size,
-    )
+    return peer_result(window, out, results, failures)
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from imagegen_provider.gateway.render import DETAILS
+
 ResponseFormat = Literal["url", "b64_json"]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -113,8 +115,8 @@ class GatewayConfig:
             problems.append("balance_usd must not be negative")
         if self.url_ttl_seconds <= 0:
             problems.append("url_ttl_seconds must be positive")
-        if self.image_detail not in ("flat", "photo"):
-            problems.append("image_detail must be 'flat' or 'photo'")
+        if self.image_detail not in DETAILS:
+            problems.append(f"image_detail must be one of {', '.join(DETAILS)}")
         if self.url_cache_size < 1 or self.render_cache_size < 0:
             problems.append("url_cache_size must be >= 1 and render_cache_size >= 0")
         if self.default_response_format not in ("url", "b64_json"):
@@ -306,7 +308,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser, *, server_options: bo
         help="How many encoded images are cached, keyed by their parameters (default 256).",
     )
     images.add_argument(
-        "--image-detail", choices=("flat", "photo"), default="flat",
+        "--image-detail", choices=DETAILS, default="flat",
         help="flat (default): images encode to a few KB, fast for tests. photo: smooth noise gives images the "
         "size of real model output (a 1024x1024 PNG is about 2 MB), for client benchmarks; slower to render "
         "(cached).",
