@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             results["cases"][name] = CASES[name](ctx)
             results["cases"][name]["case_wall_s"] = round(time.monotonic() - case_started, 1)
             log(f"case {name} done in {time.monotonic() - case_started:.0f}s")
-        except Exception as exc:  # noqa: BLE001 - report, go on with the other cases
+        except Exception as exc:
             exit_code = 1
             message = f"{name}: {type(exc).__name__}: {exc}"
             results["cases"][name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if report.plot(results, out / "requests_per_minute.png"):
                 results["plot"] = str(out / "requests_per_minute.png")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             exit_code = 1
             results["errors"].append(f"plot: {type(exc).__name__}: {exc}")
         save()

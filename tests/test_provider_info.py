@@ -12,10 +12,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+import airflow
 import jsonschema
 import pytest
 
-import airflow
 import imagegen_provider
 from imagegen_provider import get_provider_info
 from imagegen_provider.transport.settings import _EXTRA_READERS

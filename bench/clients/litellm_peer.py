@@ -55,7 +55,7 @@ async def run(spec: dict) -> dict:
                 response = await router.aimage_generation(model="img", prompt=prompt, **request)
                 save_b64_image(out, prompt_id, response.data[0].b64_json)
                 return True
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 failures[type(exc).__name__] += 1
                 return False
 

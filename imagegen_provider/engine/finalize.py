@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -128,7 +128,7 @@ def finalize_output(
         else [],
         missing_images=[[pid, idx] for pid, idx in missing[:_LISTED]],
     )
-    summary = {**report.to_dict(), "finalized_at": datetime.now(timezone.utc).isoformat(), "metadata_dir": METADATA_DIR}
+    summary = {**report.to_dict(), "finalized_at": datetime.now(UTC).isoformat(), "metadata_dir": METADATA_DIR}
     location.write_bytes(SUMMARY_FILE, json.dumps(summary, indent=2, default=str).encode(), atomic=True)
     log.info(
         "Finalized %s: %d succeeded, %d failed, %d missing%s; total cost $%.4f",

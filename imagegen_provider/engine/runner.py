@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from imagegen_provider.engine.keys import image_file_name
@@ -130,7 +130,7 @@ class RunSummary:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _provider_of(request: ImageRequest | None, result: GenerationResult | None, fallback: str | None) -> str | None:
@@ -409,7 +409,7 @@ class BatchRunner:
             if exc.fatal:
                 self._fatal = True
                 self._stop(f"fatal gateway error: {row['error_message']}")
-        except Exception as exc:  # noqa: BLE001 - one image's failure (e.g. storage) must not sink the batch
+        except Exception as exc:
             log.exception("Image %s/%d failed", job.row.prompt_id, job.image_index)
             self._fail(row, type(exc).__name__, f"{type(exc).__name__}: {exc}", None, row["attempts"])
         if paid is None:

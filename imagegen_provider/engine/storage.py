@@ -14,7 +14,6 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-
 #: Suffix of the temporary files of atomic writes; a process killed mid-write can leave one behind.
 TEMP_SUFFIX = ".tmp"
 
@@ -128,7 +127,7 @@ class StorageLocation:
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
-    def open(self, relative: str, mode: str = "rb"):  # noqa: ANN201 - fsspec file object
+    def open(self, relative: str, mode: str = "rb"):
         path = self.path(relative)
         if "w" in mode:
             self._ensure_parent(path)

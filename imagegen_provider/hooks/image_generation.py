@@ -66,7 +66,7 @@ class ImageGenerationHook(BaseHook):
             models = asyncio.run(self._list_models())
         except ImageGenError as exc:
             return False, redact(str(exc), self._secrets())
-        except Exception as exc:  # noqa: BLE001 - the UI wants a message, not a traceback
+        except Exception as exc:
             return False, redact(f"{type(exc).__name__}: {exc}", self._secrets())
         return True, f"Connected to {self.settings.describe()}: {len(models)} models"
 
@@ -75,8 +75,8 @@ class ImageGenerationHook(BaseHook):
         being reported may be exactly that)."""
         try:
             return [self.settings.api_key]
-        except Exception:  # noqa: BLE001
+        except Exception:
             try:
                 return [self.get_connection(self.imagegen_conn_id).password]
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return []

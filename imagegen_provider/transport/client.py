@@ -94,7 +94,7 @@ class _Transport(AiohttpTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await super().handle_async_request(request)
         if isinstance(response.stream, AiohttpResponseStream):
-            response.stream = _LargeChunkStream(response.stream._aiohttp_response)  # noqa: SLF001
+            response.stream = _LargeChunkStream(response.stream._aiohttp_response)
         return response
 
 

@@ -229,7 +229,7 @@ def normalize_stream(
         if not isinstance(event, Mapping):
             continue
         kind = _str(event.get("type")) or name
-        if kind == "error" or "error" in event and kind not in (PARTIAL_EVENT, COMPLETED_EVENT):
+        if kind == "error" or ("error" in event and kind not in (PARTIAL_EVENT, COMPLETED_EVENT)):
             error = event.get("error") if isinstance(event.get("error"), Mapping) else event
             raise GatewayError(
                 excerpt(_str(error.get("message")) or "error event in stream"), status=200, request_id=request_id

@@ -4,7 +4,7 @@ report."""
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -209,7 +209,7 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
 
     report = build_cost_report([str(first), str(second), str(tmp_path / "empty")])
     assert list(report.columns) == [*GROUP_COLUMNS, "images_succeeded", "images_failed", "cost_usd", "unpriced_images"]
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
     assert set(report["day"]) == {today}
     a = report[report["dag_id"] == "dag_a"]
     assert len(a) == 1

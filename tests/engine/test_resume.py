@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -104,7 +104,7 @@ async def test_journal_of_an_interrupted_run_is_folded_in_and_trusted(tmp_path, 
 
 
 def _row(pid: str) -> dict:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return {"run_id": "r", "prompt_id": pid, "image_index": 0, "status": "succeeded", "file_name": f"images/{pid}/0-1.png",
             "cost_usd": 0.01, "started_at": now, "finished_at": now}
 
@@ -245,10 +245,9 @@ def test_atomic_writes_publish_whole_files_only(tmp_path, scheme):
     location.write_bytes("a/b.json", b"first", atomic=True)
     location.write_bytes("a/b.json", b"second", atomic=True)  # replaces
     assert location.read_bytes("a/b.json") == b"second"
-    with pytest.raises(RuntimeError):
-        with location.open_atomic("a/c.parquet") as handle:
-            handle.write(b"half")
-            raise RuntimeError("writer died")
+    with pytest.raises(RuntimeError), location.open_atomic("a/c.parquet") as handle:
+        handle.write(b"half")
+        raise RuntimeError("writer died")
     assert not location.exists("a/c.parquet")
     assert location.list_files("a") == ["a/b.json"]  # no temporary left behind either
     if scheme == "memory":

@@ -122,9 +122,8 @@ def test_bad_key_fails_without_retry(gateway_factory, loopback_conn, tmp_path, c
     conn_id = loopback_conn(handle, max_in_flight=1)  # password: SECRET, which the gateway refuses
     output = tmp_path / "out"
     op = generate(conn_id, str(prompts), str(output))
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(AirflowFailException, match="fatal") as info:
-            op.execute(make_context())
+    with caplog.at_level(logging.DEBUG), pytest.raises(AirflowFailException, match="fatal") as info:
+        op.execute(make_context())
     assert SECRET not in str(info.value)
     # The batch stops at the first 401 instead of sending every request (at most the dispatch window).
     assert 1 <= handle.stats()["generation_requests"] <= 3

@@ -184,7 +184,7 @@ def _kill_task_runner(deployment: AirflowDeployment, run_id: str, output: Path) 
             "and map_index = ?", DAG_ID, run_id, KILLED_SHARD,
         )
         stored = _shard_images(output, KILLED_SHARD)
-        if rows and rows[0][1] == "running" and 2 <= stored:
+        if rows and rows[0][1] == "running" and stored >= 2:
             assert stored < SHARD_SIZE, "the shard finished before it could be killed"
             ti_id = str(rows[0][0]).replace("-", "").lower()  # SQLite keeps the UUID without hyphens
             scheduler = deployment.processes["scheduler"].pid

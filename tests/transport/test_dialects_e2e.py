@@ -9,7 +9,6 @@ import io
 import pytest
 from PIL import Image
 
-from imagegen_provider.gateway import GatewayConfig
 from imagegen_provider.gateway.pricing import compute_usage
 from imagegen_provider.wire.imageinfo import inspect_image
 
