@@ -59,6 +59,7 @@ def airflow_env(airflow_db, tmp_path):
     return env
 
 
+@pytest.mark.e2e
 def test_synthetic_dataset_then_cost_report(airflow_env, tmp_path):
     out = tmp_path / "output" / "synthetic_dataset"
     log = run_dag("synthetic_dataset", airflow_env)

@@ -84,6 +84,7 @@ def test_plan_prompt_shards(tmp_path):
     json.dumps(shards)  # an XCom value
 
 
+@pytest.mark.e2e
 def test_mapped_shards_then_finalize_match_an_unsharded_run(airflow_db, tmp_path, monkeypatch, make_conn):
     prompts = write_prompts(tmp_path / "prompts.parquet", [f"a paper boat on a pond, variant {i}" for i in range(7)])
     sharded_out = tmp_path / "sharded"

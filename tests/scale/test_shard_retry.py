@@ -22,6 +22,7 @@ import subprocess
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from imagegen_provider.engine.finalize import finalize_output
 from imagegen_provider.engine.metadata import current_rows, read_metadata
@@ -70,6 +71,7 @@ def _durable(output) -> set[tuple[str, int]]:
     }
 
 
+@pytest.mark.e2e
 def test_killed_shard_retry_pays_nothing_twice(tmp_path, record_property):
     output = tmp_path / "out"
     with gateway_process("--latency", "0.4-0.8", "--fault-seed", "3") as gateway:

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from imagegen_provider.cli import main as imagegen_main
 from tests.conftest import free_port, wait_for_port
@@ -196,6 +197,7 @@ def _kill_task_runner(deployment: AirflowDeployment, run_id: str, output: Path) 
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_sharded_dag_on_scheduler_with_local_executor(tmp_path, record_property):
     root = tmp_path
     (root / "dags").mkdir()

@@ -70,6 +70,7 @@ def _database(redis_url: str, db: int) -> str:
     return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("rate", "budget", "headers", "db"),
     [
