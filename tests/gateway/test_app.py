@@ -25,16 +25,16 @@ import pytest
 from httpx_sse import aconnect_sse
 from PIL import Image
 
-from imagegen_provider.gateway import (
+from imagegen_gateway import (
     GatewayConfig,
     add_gateway_arguments,
     config_from_args,
     create_app,
     run_gateway_in_thread,
 )
-from imagegen_provider.gateway.config import parse_latency
-from imagegen_provider.gateway.limiter import RateLimiter, TokenBucket, format_duration
-from imagegen_provider.gateway.responses import DroppedConnection
+from imagegen_gateway.config import parse_latency
+from imagegen_gateway.limiter import RateLimiter, TokenBucket, format_duration
+from imagegen_gateway.responses import DroppedConnection
 from imagegen_provider.wire.errors import (
     AuthenticationError,
     BadGatewayError,
@@ -716,7 +716,7 @@ def test_latency_parsing_and_config_validation() -> None:
 
 def test_module_help_lists_the_options() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "imagegen_provider.gateway", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "imagegen_gateway", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
     for flag in ("--port", "--api-key", "--balance-usd", "--rpm", "--ipm", "--burst", "--latency",
@@ -728,7 +728,7 @@ def test_module_help_lists_the_options() -> None:
 
 def test_module_serves_and_announces_its_address() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "imagegen_provider.gateway", "--port", "0", "--api-key", "sk-cli"],
+        [sys.executable, "-m", "imagegen_gateway", "--port", "0", "--api-key", "sk-cli"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

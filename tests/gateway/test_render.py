@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from imagegen_provider.gateway.render import Renderer, RenderSpec, render, seed_from_prompt
+from imagegen_gateway.render import Renderer, RenderSpec, render, seed_from_prompt
 
 BASE = RenderSpec(prompt="a red fox in snow", seed=42, model="dall-e-3", width=64, height=48)
 

@@ -9,7 +9,7 @@ import io
 import pytest
 from PIL import Image
 
-from imagegen_provider.gateway.pricing import compute_usage
+from imagegen_gateway.pricing import compute_usage
 from imagegen_provider.wire.imageinfo import inspect_image
 
 from ._scripted import Reply, b64, openai_image_body, png_bytes

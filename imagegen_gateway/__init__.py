@@ -6,9 +6,9 @@ router ``/router/v1``), returns real deterministic images, and can rate-limit, c
 (see :class:`GatewayConfig` or ``imagegen gateway --help``).
 """
 
-from imagegen_provider.gateway.app import create_app
-from imagegen_provider.gateway.config import GatewayConfig, add_gateway_arguments, config_from_args
-from imagegen_provider.gateway.server import GatewayHandle, run_gateway, run_gateway_in_thread
+from imagegen_gateway.app import create_app
+from imagegen_gateway.config import GatewayConfig, add_gateway_arguments, config_from_args
+from imagegen_gateway.server import GatewayHandle, run_gateway, run_gateway_in_thread
 
 __all__ = [
     "GatewayConfig",

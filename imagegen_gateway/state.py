@@ -17,10 +17,10 @@ from typing import Any
 
 import anyio
 
-from imagegen_provider.gateway.config import GatewayConfig
-from imagegen_provider.gateway.faults import FaultInjector
-from imagegen_provider.gateway.limiter import RateLimiter
-from imagegen_provider.gateway.render import Renderer, RenderSpec
+from imagegen_gateway.config import GatewayConfig
+from imagegen_gateway.faults import FaultInjector
+from imagegen_gateway.limiter import RateLimiter
+from imagegen_gateway.render import Renderer, RenderSpec
 
 LAST_BODIES = 50
 # Keys that may carry secrets in a request body: never kept, never shown by /_gateway/stats.

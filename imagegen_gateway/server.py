@@ -19,10 +19,10 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from imagegen_provider.gateway.app import create_app
-from imagegen_provider.gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
-from imagegen_provider.gateway.responses import DroppedConnection
-from imagegen_provider.gateway.state import GatewayState
+from imagegen_gateway.app import create_app
+from imagegen_gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
+from imagegen_gateway.responses import DroppedConnection
+from imagegen_gateway.state import GatewayState
 
 _SHUTDOWN_TIMEOUT = 10.0
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from imagegen_provider.gateway.pricing import gpt_quality, is_gpt_image
-from imagegen_provider.gateway.render import seed_from_prompt
+from imagegen_gateway.pricing import gpt_quality, is_gpt_image
+from imagegen_gateway.render import seed_from_prompt
 from imagegen_provider.wire.sizes import parse_ratio, parse_size, parse_tier, pixel_size
 from imagegen_provider.wire.validation import ModelFamily, bare_model_name, model_family
 

@@ -16,9 +16,9 @@ import httpx
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from imagegen_provider.gateway.faults import NGINX_502_HTML
-from imagegen_provider.gateway.parsing import GenParams
-from imagegen_provider.gateway.pricing import Usage
+from imagegen_gateway.faults import NGINX_502_HTML
+from imagegen_gateway.parsing import GenParams
+from imagegen_gateway.pricing import Usage
 from imagegen_provider.wire.validation import ModelFamily, model_family
 
 

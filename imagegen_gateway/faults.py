@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from enum import Enum
 
-from imagegen_provider.gateway.config import GatewayConfig
+from imagegen_gateway.config import GatewayConfig
 
 NGINX_502_HTML = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"

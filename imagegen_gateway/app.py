@@ -12,7 +12,7 @@ Faults (``GatewayConfig.fail_*_rate``, ``corrupt_b64_rate``, ``envelope_failure_
 nor counted in ``images_generated``. A dropped connection (``drop_rate``) is: the image was made and paid
 for, only the response is lost; ``charged_images - images_generated`` in the stats is what clients paid
 for and never got. Over a socket the drop is a real aborted connection; under ``httpx.ASGITransport`` the
-client gets :class:`~imagegen_provider.gateway.responses.DroppedConnection`, an ``httpx.RemoteProtocolError``.
+client gets :class:`~imagegen_gateway.responses.DroppedConnection`, an ``httpx.RemoteProtocolError``.
 
 Stats semantics: ``total_requests``/``by_status``/``by_route`` count every request except ``/_gateway/*``;
 ``accepted_timeline`` counts successful (fault-free 200) generation requests per wall-clock second.
@@ -40,13 +40,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imagegen_provider.gateway.config import GatewayConfig
-from imagegen_provider.gateway.faults import Fault, corrupt_base64
-from imagegen_provider.gateway.limiter import retry_after_headers
-from imagegen_provider.gateway.parsing import GenParams, ParseError, parse_request
-from imagegen_provider.gateway.pricing import Usage, compute_usage
-from imagegen_provider.gateway.render import RenderSpec
-from imagegen_provider.gateway.responses import (
+from imagegen_gateway.config import GatewayConfig
+from imagegen_gateway.faults import Fault, corrupt_base64
+from imagegen_gateway.limiter import retry_after_headers
+from imagegen_gateway.parsing import GenParams, ParseError, parse_request
+from imagegen_gateway.pricing import Usage, compute_usage
+from imagegen_gateway.render import RenderSpec
+from imagegen_gateway.responses import (
     DroppedConnection,
     DroppingResponse,
     ImageOut,
@@ -60,7 +60,7 @@ from imagegen_provider.gateway.responses import (
     revised_prompt,
     router_body,
 )
-from imagegen_provider.gateway.state import GatewayState
+from imagegen_gateway.state import GatewayState
 
 GENERATION_ROUTES = {
     "/v1/images/generations": "openai",

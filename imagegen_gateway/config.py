@@ -1,6 +1,6 @@
 """Every knob of the bundled gateway, in one frozen dataclass, plus its command-line form.
 
-The CLI (``imagegen gateway``) and ``python -m imagegen_provider.gateway`` both build their parser with
+The CLI (``imagegen gateway``) and ``python -m imagegen_gateway`` both build their parser with
 :func:`add_gateway_arguments` and turn it into a config with :func:`config_from_args`, so the ``--help`` text
 written here is the gateway's documentation. The defaults describe a well-behaved gateway: any non-empty key
 is accepted, no limits, no faults.
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
-from imagegen_provider.gateway.render import DETAILS
+from imagegen_gateway.render import DETAILS
 
 ResponseFormat = Literal["url", "b64_json"]
 
@@ -334,6 +335,22 @@ def add_gateway_arguments(parser: argparse.ArgumentParser, *, server_options: bo
         help="Base of returned image URLs when clients reach the gateway through a proxy or another host name. "
         "Default: the host the request was sent to.",
     )
+
+
+def config_from_mapping(options: Mapping[str, Any]) -> GatewayConfig:
+    """A config from a plain mapping (the ``local_gateway`` connection extra), allow-listed to its fields.
+
+    :raises ValueError: an unknown option, or a value :class:`GatewayConfig` refuses.
+    """
+    known = {f.name for f in fields(GatewayConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown local_gateway option(s): {', '.join(unknown)}")
+    values = dict(options)
+    for name in ("latency", "models"):
+        if isinstance(values.get(name), list):
+            values[name] = tuple(values[name])
+    return GatewayConfig(**values)
 
 
 def config_from_args(ns: argparse.Namespace) -> GatewayConfig:
