@@ -40,11 +40,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imagegen_gateway.charges import BilledUsage, billed_usage
 from imagegen_gateway.config import GatewayConfig
 from imagegen_gateway.faults import Fault, corrupt_base64
 from imagegen_gateway.limiter import retry_after_headers
-from imagegen_gateway.parsing import GenParams, ParseError, parse_request
-from imagegen_gateway.pricing import Usage, compute_usage
+from imagegen_gateway.parsing import GenParams, InvalidRequest, parse_request
 from imagegen_gateway.render import RenderSpec
 from imagegen_gateway.responses import (
     DroppedConnection,
@@ -257,7 +257,7 @@ async def _images(request: Request, params: GenParams, *, corrupt: bool) -> list
     return out
 
 
-def _usage_payload(params: GenParams, usage: Usage) -> dict[str, Any]:
+def _usage_payload(params: GenParams, usage: BilledUsage) -> dict[str, Any]:
     if params.dialect == "router":
         return usage.router()
     return usage.openai_gpt() if params.gpt else usage.openai_compatible()
@@ -271,13 +271,13 @@ async def _stream_chunks(request: Request, params: GenParams, images: list[Image
     for index, image in enumerate(images):
         for partial_index, spec in enumerate(_partial_specs(params, _spec(params, index))):
             chunks.append(partial_event(params, _b64(await _render(gateway, spec)), partial_index, created))
-        usage = compute_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, index + 1)
+        usage = billed_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, index + 1)
         chunks.append(completed_event(params, image, _usage_payload(params, usage), created))
     return chunks
 
 
 def _success_body(
-    request: Request, params: GenParams, images: list[ImageOut], usage: Usage, started: float
+    request: Request, params: GenParams, images: list[ImageOut], usage: BilledUsage, started: float
 ) -> dict[str, Any]:
     created = int(time.time())
     if params.dialect == "indoxhub":
@@ -321,7 +321,7 @@ async def _generate(request: Request, dialect: str) -> Response:
     gateway.stats.record_body(request.url.path, body)
     try:
         params = parse_request(dialect, body, default_response_format=config.default_response_format)
-    except ParseError as exc:
+    except InvalidRequest as exc:
         return error_response(dialect, 400, exc.message, code=exc.code, param=exc.param, request_id=request_id)
 
     trigger = config.content_policy_trigger
@@ -352,7 +352,7 @@ async def _generate(request: Request, dialect: str) -> Response:
                 headers=headers,
             )
 
-    usage = compute_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, params.n)
+    usage = billed_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, params.n)
     if not gateway.can_afford(usage.cost_usd):
         return error_response(
             dialect, 402, "Insufficient balance", type_="insufficient_quota", code="insufficient_quota",
