@@ -66,6 +66,8 @@ class GenParams:
     stream: bool
     partial_images: int
     operation: Operation = Operation.GENERATE
+    #: Fingerprint of the uploaded images of an edit or variation.
+    source: str | None = None
 
     @property
     def gpt(self) -> bool:

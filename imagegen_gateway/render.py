@@ -46,6 +46,8 @@ class RenderSpec:
     compression: int | None = None
     #: Position of the image within a request's ``n``: the images of one request differ.
     index: int = 0
+    #: Fingerprint of the images an edit or variation started from.
+    source: str | None = None
 
     @property
     def content_type(self) -> str:
@@ -61,6 +63,7 @@ class RenderSpec:
             str(part)
             for part in (
                 self.prompt, self.seed, self.model, self.quality, self.style, self.negative_prompt, self.index,
+                self.source,
             )
         )
         return hashlib.sha256(key.encode("utf-8")).digest()
