@@ -30,7 +30,15 @@ _HOMES = {
     "run_gateway_in_thread": "server",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "GatewayConfig",
+    "GatewayHandle",
+    "add_gateway_arguments",
+    "config_from_args",
+    "create_app",
+    "run_gateway",
+    "run_gateway_in_thread",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -48,7 +48,7 @@ from imagegen_gateway.faults import Fault, corrupt_base64
 from imagegen_gateway.inputs import MAX_UPLOAD_BYTES, MB, check_inputs, read_image
 from imagegen_gateway.inputs import digest as input_digest
 from imagegen_gateway.limiter import retry_after_headers
-from imagegen_gateway.parsing import GenParams, InvalidRequest, parse_request
+from imagegen_gateway.parsing import GenParams, parse_request
 from imagegen_gateway.render import RenderSpec
 from imagegen_gateway.responses import (
     DroppedConnection,
@@ -64,7 +64,7 @@ from imagegen_gateway.responses import (
     revised_prompt,
     router_body,
 )
-from imagegen_gateway.rules import Operation, rules_for
+from imagegen_gateway.rules import InvalidRequest, Operation, rules_for
 from imagegen_gateway.state import GatewayState
 
 GENERATION_ROUTES = {
@@ -85,7 +85,8 @@ CONTENT_POLICY_MESSAGE = "Your request was rejected as a result of our safety sy
 
 
 def _gateway(request: Request) -> GatewayState:
-    return request.app.state.gateway
+    state: GatewayState = request.app.state.gateway
+    return state
 
 
 def _route_label(path: str) -> str:
@@ -111,49 +112,58 @@ class Instrumentation:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
-        scope[REQUEST_ID] = request_id
         path: str = scope["path"]
-        counted = not path.startswith("/_gateway")
-        generation = path in IMAGE_ROUTES
-        status: int | None = None
-        sent = 0
+        exchange = _Exchange(send, request_id=uuid.uuid4().hex, counted=not path.startswith("/_gateway"))
+        scope[REQUEST_ID] = exchange.request_id
+        making_images = path in IMAGE_ROUTES
+        self._arrived(path, counted=exchange.counted, making_images=making_images)
+        # Counters are read from ``self.gateway.stats`` again at the end: /_gateway/reset swaps the object.
+        try:
+            await self.app(scope, receive, exchange.send)
+        except DroppedConnection:
+            self.gateway.stats.dropped_connections += 1
+            self.gateway.stats.bytes_served += exchange.sent
+            raise
+        except Exception:
+            if exchange.counted and exchange.status is None:
+                self.gateway.stats.by_status[500] += 1
+            raise
+        else:
+            if exchange.counted and exchange.status is not None:
+                self.gateway.stats.by_status[exchange.status] += 1
+                self.gateway.stats.bytes_served += exchange.sent
+        finally:
+            if making_images:
+                current = self.gateway.stats
+                current.in_flight = max(0, current.in_flight - 1)
+
+    def _arrived(self, path: str, *, counted: bool, making_images: bool) -> None:
         stats = self.gateway.stats
         if counted:
             stats.total_requests += 1
             stats.by_route[_route_label(path)] += 1
-        if generation:
+        if making_images:
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
 
-        async def instrumented_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
 
-        # Counters are read from ``self.gateway.stats`` again at the end: /_gateway/reset swaps the object.
-        try:
-            await self.app(scope, receive, instrumented_send)
-        except DroppedConnection:
-            self.gateway.stats.dropped_connections += 1
-            self.gateway.stats.bytes_served += sent
-            raise
-        except Exception:
-            if counted and status is None:
-                self.gateway.stats.by_status[500] += 1
-            raise
-        else:
-            if counted and status is not None:
-                self.gateway.stats.by_status[status] += 1
-                self.gateway.stats.bytes_served += sent
-        finally:
-            if generation:
-                current = self.gateway.stats
-                current.in_flight = max(0, current.in_flight - 1)
+class _Exchange:
+    """One request's way out: adds the ``x-request-id`` header, notes the status and counts the body bytes."""
+
+    def __init__(self, send: Send, *, request_id: str, counted: bool) -> None:
+        self._send = send
+        self.request_id = request_id
+        self.counted = counted
+        self.status: int | None = None
+        self.sent = 0
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message["headers"] = [*message.get("headers", []), (b"x-request-id", self.request_id.encode())]
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        await self._send(message)
 
 
 # --- auth ---------------------------------------------------------------------------------------------------
@@ -397,7 +407,9 @@ def _rate_limit(request: Request, params: GenParams, headers: dict[str, str]) ->
     )
 
 
-def _charge(request: Request, params: GenParams, usage: BilledUsage, headers: dict[str, str]) -> Fault | Response | None:
+def _charge(
+    request: Request, params: GenParams, usage: BilledUsage, headers: dict[str, str]
+) -> Fault | Response | None:
     """Stages 5-6: 402 unless the balance covers the request; then draw the fault, and charge unless a fault
     other than a dropped connection fires. Charged before any ``await``, so concurrent requests can never
     overdraw the balance."""

@@ -206,7 +206,7 @@ class GatewayConfig:
         "size of real model output (a 1024x1024 PNG is about 2 MB), for client benchmarks; slower to render "
         "(cached).", "images", choices=DETAILS, check=_one_of(*DETAILS),
     )
-    default_response_format: ResponseFormatName = option(
+    default_response_format: ResponseFormatName = option(  # noqa: RUF009 - option() is a dataclass field()
         "url", "response_format of dall-e and other non-GPT models when the request names none "
         "(default url, as OpenAI). GPT image models always return b64_json.",
         "images", choices=("url", "b64_json"), check=_one_of("url", "b64_json"),

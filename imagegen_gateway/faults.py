@@ -8,7 +8,7 @@ fault whatever happened before it.
 from __future__ import annotations
 
 import random
-from enum import Enum
+from enum import StrEnum
 
 from imagegen_gateway.config import GatewayConfig
 
@@ -18,7 +18,7 @@ NGINX_502_HTML = (
 )
 
 
-class Fault(str, Enum):
+class Fault(StrEnum):
     BAD_GATEWAY = "502"
     UNAVAILABLE = "503"
     SERVER_ERROR = "500"

@@ -28,7 +28,7 @@ from imagegen_gateway.rules import (
     is_gpt_image,
     rules_for,
 )
-from imagegen_gateway.sizes import parse_ratio, parse_size, parse_tier, pixel_size
+from imagegen_gateway.sizes import drawn_pixels, read_dimensions, read_ratio, read_tier
 
 MAX_EDGE = 8192
 MAX_PIXELS = 4096 * 4096
@@ -199,22 +199,22 @@ def _check(dialect: str, model: str, asked: Asked, operation: Operation) -> Mode
 def _check_size_text(size: str | None, aspect_ratio: str | None, resolution: str | None, *, strict: bool) -> None:
     """Shapes of ``size``, ``aspect_ratio`` and ``resolution``; ``strict`` (router) also rejects a ``size`` that
     contradicts ``resolution`` or ``aspect_ratio``, as seed 004 documents."""
-    if aspect_ratio is not None and parse_ratio(aspect_ratio) is None:
+    if aspect_ratio is not None and read_ratio(aspect_ratio) is None:
         raise InvalidRequest(f"Invalid aspect_ratio {aspect_ratio!r}: expected W:H such as 16:9.", "aspect_ratio")
-    if resolution is not None and parse_tier(resolution) is None:
+    if resolution is not None and read_tier(resolution) is None:
         raise InvalidRequest(f"Invalid resolution {resolution!r}: expected a tier such as 1K, 2K or 4K.",
                              "resolution")
     if size is None or size == "auto":
         return
-    dims, tier = parse_size(size), parse_tier(size)
+    dims, tier = read_dimensions(size), read_tier(size)
     if dims is None and tier is None:
         raise InvalidRequest(
             f"Invalid size {size!r}: expected 'auto', WIDTHxHEIGHT (e.g. 1024x1024) or a tier such as 2K.", "size"
         )
-    if strict and resolution is not None and (dims is not None or parse_tier(resolution) != tier):
+    if strict and resolution is not None and (dims is not None or read_tier(resolution) != tier):
         raise InvalidRequest(f"size {size!r} conflicts with resolution {resolution!r}; pass one or the other.",
                              "size")
-    if strict and aspect_ratio is not None and dims is not None and parse_ratio(aspect_ratio) != parse_ratio(
+    if strict and aspect_ratio is not None and dims is not None and read_ratio(aspect_ratio) != read_ratio(
         f"{dims[0]}:{dims[1]}"
     ):
         raise InvalidRequest(f"size {size!r} conflicts with aspect_ratio {aspect_ratio!r}; pass one or the other.",
@@ -225,7 +225,7 @@ def _dimensions(dialect: str, asked: Asked, extra: _Fields) -> tuple[int, int]:
     """The pixels to draw."""
     aspect_ratio, resolution = extra.text("aspect_ratio"), extra.text("resolution")
     _check_size_text(asked.size, aspect_ratio, resolution, strict=dialect == "router")
-    width, height = pixel_size(None if asked.size == "auto" else asked.size, aspect_ratio, resolution)
+    width, height = drawn_pixels(None if asked.size == "auto" else asked.size, aspect_ratio, resolution)
     if max(width, height) > MAX_EDGE or width * height > MAX_PIXELS or min(width, height) < 1:
         raise InvalidRequest(f"Invalid size {width}x{height}: the local gateway draws at most 4096x4096 pixels.",
                              "size")

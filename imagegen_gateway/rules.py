@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 
-from imagegen_gateway.sizes import parse_size
+from imagegen_gateway.sizes import read_dimensions
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 BACKGROUNDS = ("transparent", "opaque", "auto")
@@ -67,7 +67,7 @@ class ModelRules:
 
     def flexible_size_problem(self, size: str) -> str | None:
         """gpt-image-2 draws any size on a 16-pixel grid, aspect 1:3 to 3:1, at most 3840x2160 pixels."""
-        dims = parse_size(size)
+        dims = read_dimensions(size)
         if dims is None:
             return "must be 'auto' or WIDTHxHEIGHT"
         width, height = dims

@@ -119,7 +119,8 @@ class GatewayHandle:
 
     @property
     def state(self) -> GatewayState:
-        return self.app.state.gateway
+        state: GatewayState = self.app.state.gateway
+        return state
 
     def url(self, path: str) -> str:
         return self.base_url + path

@@ -16,7 +16,7 @@ _RATIO = re.compile(r"([1-9]\d{0,2}):([1-9]\d{0,2})")
 _GRID = 16
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
+def read_dimensions(text: str | None) -> tuple[int, int] | None:
     """``"1536x1024"`` → ``(1536, 1024)``; anything else (including zero sides) → ``None``."""
     match = _SIZE.fullmatch(text or "")
     if match is None:
@@ -25,25 +25,25 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return (width, height) if width and height else None
 
 
-def parse_tier(text: str | None) -> int | None:
+def read_tier(text: str | None) -> int | None:
     """``"2K"`` → ``2``; anything else → ``None``."""
     match = _TIER.fullmatch(text or "")
     return int(match.group(1)) if match else None
 
 
-def parse_ratio(text: str | None) -> Fraction | None:
+def read_ratio(text: str | None) -> Fraction | None:
     """``"16:9"`` → ``Fraction(16, 9)``; anything else → ``None``."""
     match = _RATIO.fullmatch(text or "")
     return Fraction(int(match.group(1)), int(match.group(2))) if match else None
 
 
-def pixel_size(size: str | None, aspect_ratio: str | None = None, resolution: str | None = None) -> tuple[int, int]:
+def drawn_pixels(size: str | None, aspect_ratio: str | None = None, resolution: str | None = None) -> tuple[int, int]:
     """The pixels to draw: an explicit ``WIDTHxHEIGHT``, else a tier (1K = 1024 px on the long edge, default 1K)
     shaped by the aspect ratio (default square), rounded to the providers' 16-pixel grid."""
-    explicit = parse_size(size)
+    explicit = read_dimensions(size)
     if explicit is not None:
         return explicit
-    long_edge = 1024 * (parse_tier(size) or parse_tier(resolution) or 1)
-    ratio = parse_ratio(aspect_ratio) or Fraction(1)
+    long_edge = 1024 * (read_tier(size) or read_tier(resolution) or 1)
+    ratio = read_ratio(aspect_ratio) or Fraction(1)
     width, height = (long_edge, long_edge / ratio) if ratio >= 1 else (long_edge * ratio, long_edge)
     return max(_GRID, round(width / _GRID) * _GRID), max(_GRID, round(height / _GRID) * _GRID)

@@ -19,7 +19,7 @@ import anyio
 
 from imagegen_gateway.config import GatewayConfig
 from imagegen_gateway.faults import FaultInjector
-from imagegen_gateway.limiter import RateLimiter
+from imagegen_gateway.limiter import GatewayLimiter
 from imagegen_gateway.render import Renderer, RenderSpec
 
 LAST_BODIES = 50
@@ -119,7 +119,7 @@ class GatewayState:
         #: Renders in progress, so concurrent requests for the same image wait for one render.
         self.rendering: dict[RenderSpec, anyio.Event] = {}
         self.files = FileStore(config.url_cache_size, config.url_ttl_seconds)
-        self.limiter = RateLimiter(config.rpm, config.ipm, config.burst, config.image_burst)
+        self.limiter = GatewayLimiter(config.rpm, config.ipm, config.burst, config.image_burst)
         self.faults = FaultInjector(config)
         self.stats = Stats()
         self.balance_usd = config.balance_usd

@@ -32,14 +32,16 @@ def local_gateway_config(options: Mapping[str, Any]) -> GatewayConfig:
 def open_client(settings: ClientSettings) -> ImageGenClient:
     """A new client (bind it to the event loop that uses it: one per ``asyncio.run``)."""
     if not settings.is_local:
-        return build_client(settings)
+        remote: ImageGenClient = build_client(settings)
+        return remote
     from imagegen_gateway.app import create_app
 
     app = create_app(local_gateway_config(settings.local_gateway))
     transport = httpx.ASGITransport(app=app)
-    return build_client(
+    local: ImageGenClient = build_client(
         settings,
         base_url=LOCAL_BASE + settings.local_path(),
         transport=transport,
         download_transport=httpx.ASGITransport(app=app),
     )
+    return local

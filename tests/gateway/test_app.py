@@ -33,7 +33,7 @@ from imagegen_gateway import (
     run_gateway_in_thread,
 )
 from imagegen_gateway.config import parse_latency
-from imagegen_gateway.limiter import RateLimiter, TokenBucket, format_duration
+from imagegen_gateway.limiter import GatewayLimiter, TokenBucket, format_duration
 from imagegen_gateway.responses import DroppedConnection
 from imagegen_provider.wire.errors import (
     AuthenticationError,
@@ -449,7 +449,7 @@ def test_token_bucket_refills_with_a_fake_clock() -> None:
     now[0] += 0.5
     assert bucket.wait_time(1) == 0 and bucket.remaining == 1
     assert bucket.time_to_full == pytest.approx(0.5)
-    limiter = RateLimiter(rpm=60, ipm=60, clock=lambda: now[0])
+    limiter = GatewayLimiter(rpm=60, ipm=60, clock=lambda: now[0])
     assert limiter.acquire(1).allowed
     refused = limiter.acquire(1)
     assert not refused.allowed and refused.retry_after == pytest.approx(1.0)
@@ -655,7 +655,8 @@ async def test_stats_never_store_secrets_and_reset_zeroes() -> None:
         ]
         assert counters["last_request_paths"] == [INDOXHUB]
         assert counters["total_requests"] == 1 and counters["by_route"] == {INDOXHUB: 1}
-        assert counters["bytes_served"] > 0 and counters["balance_usd"] == pytest.approx(0.984)  # dall-e-2 256x256: $0.016
+        # dall-e-2 256x256 costs $0.016
+        assert counters["bytes_served"] > 0 and counters["balance_usd"] == pytest.approx(0.984)
         assert (await client.post(OPENAI, json={"prompt": "x"})).status_code == 429
         reset = await client.post("/_gateway/reset")
         assert reset.status_code == 200
@@ -737,7 +738,8 @@ def test_module_serves_and_announces_its_address() -> None:
         line = process.stdout.readline().strip()
         assert line.startswith("imagegen gateway listening on http://127.0.0.1:")
         base_url = line.rsplit(" ", 1)[-1]
-        response = httpx.post(base_url + OPENAI, json={"prompt": "x", "model": "imagen-3", "size": "64x64", "response_format": "b64_json"},
+        body = {"prompt": "x", "model": "imagen-3", "size": "64x64", "response_format": "b64_json"}
+        response = httpx.post(base_url + OPENAI, json=body,
                               headers={"Authorization": "Bearer sk-cli"})
         image = base64.b64decode(response.json()["data"][0]["b64_json"])
         assert image_of(image).size == (64, 64)
