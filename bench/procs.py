@@ -122,7 +122,7 @@ class _Server:
 
 @dataclass
 class Gateway(_Server):
-    """``python -m imagegen_provider.gateway`` as a real server on loopback."""
+    """``python -m imagegen_gateway`` as a real server on loopback."""
 
     args: list[str]
     log_path: Path
@@ -133,7 +133,7 @@ class Gateway(_Server):
     def spawn(self) -> Gateway:
         """Start the process; :meth:`wait_ready` waits for it to listen (spawn several, then wait for all)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "imagegen_provider.gateway", "--host", "127.0.0.1", "--port", "0", *self.args]
+        argv = [sys.executable, "-m", "imagegen_gateway", "--host", "127.0.0.1", "--port", "0", *self.args]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = REGISTRY.spawn(argv, stdout=subprocess.PIPE, stderr=self._log, text=True, env=child_env())
         return self

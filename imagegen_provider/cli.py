@@ -184,8 +184,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    from imagegen_provider.gateway.config import config_from_args
-    from imagegen_provider.gateway.server import run_gateway
+    from imagegen_gateway.config import config_from_args
+    from imagegen_gateway.server import run_gateway
 
     run_gateway(config_from_args(args), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -234,7 +234,7 @@ def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imagegen_provider.gateway.config import add_gateway_arguments
+    from imagegen_gateway.config import add_gateway_arguments
 
     parser = argparse.ArgumentParser(prog="imagegen", description="Image datasets from Parquet prompt tables.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -20,7 +20,7 @@ os.environ.setdefault("AIRFLOW_HOME", str(REPO / ".airflow-test"))
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
-from imagegen_provider.gateway import GatewayConfig, run_gateway_in_thread  # noqa: E402
+from imagegen_gateway import GatewayConfig, run_gateway_in_thread  # noqa: E402
 
 
 def free_port() -> int:

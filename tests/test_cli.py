@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imagegen_provider.cli import ENV_API_KEY, main
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 
 SECRET = "sk-cli-secret-key-0123456789abcdef"
 SMALL_ARGS = ["--model", "dall-e-2", "--size", "256x256", "--response-format", "b64_json"]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 
-from PIL import Image, UnidentifiedImageError
-
 from imagegen_provider.wire.errors import MalformedResponseError
 from imagegen_provider.wire.result import ImageInfo
 
@@ -16,6 +14,9 @@ def inspect_image(data: bytes, *, request_id: str | None = None) -> ImageInfo:
 
     :raises MalformedResponseError: the bytes are not an image Pillow recognises.
     """
+    # Imported here so that importing the hook (which reaches this module) does not load Pillow.
+    from PIL import Image, UnidentifiedImageError
+
     if not data:
         raise MalformedResponseError("empty image", request_id=request_id)
     try:

@@ -13,7 +13,7 @@ from PIL import Image
 from imagegen_provider.engine import BatchRunner, PriceTable, RunConfig, finalize_output
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.report import GROUP_COLUMNS, build_cost_report, plot_cost_report
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 from imagegen_provider.wire.result import Usage
 
 from ._support import SMALL, SMALL_PRICE, current, history, numbered, run_batch, write_prompts

@@ -17,7 +17,7 @@ import pytest
 from imagegen_provider.engine import COLUMNS, METADATA_SCHEMA, finalize_output
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.metadata import MetadataSink
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 
 from ._support import (
     SMALL,

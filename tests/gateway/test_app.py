@@ -25,16 +25,16 @@ import pytest
 from httpx_sse import aconnect_sse
 from PIL import Image
 
-from imagegen_provider.gateway import (
+from imagegen_gateway import (
     GatewayConfig,
     add_gateway_arguments,
     config_from_args,
     create_app,
     run_gateway_in_thread,
 )
-from imagegen_provider.gateway.config import parse_latency
-from imagegen_provider.gateway.limiter import RateLimiter, TokenBucket, format_duration
-from imagegen_provider.gateway.responses import DroppedConnection
+from imagegen_gateway.config import parse_latency
+from imagegen_gateway.limiter import GatewayLimiter, TokenBucket, format_duration
+from imagegen_gateway.responses import DroppedConnection
 from imagegen_provider.wire.errors import (
     AuthenticationError,
     BadGatewayError,
@@ -115,19 +115,20 @@ async def test_openai_gpt_image_shape_tokens_and_format() -> None:
         response = await client.post(
             OPENAI,
             json={"prompt": "a" * 40, "model": "gpt-image-1", "size": "1536x1024", "quality": "high",
-                  "output_format": "jpeg", "output_compression": 70, "response_format": "url", "n": 2},
+                  "output_format": "jpeg", "output_compression": 70, "n": 2},
         )
         body = response.json()
         assert (body["size"], body["quality"], body["output_format"], body["background"]) == (
             "1536x1024", "high", "jpeg", "opaque",
         )
-        assert body["usage"]["output_tokens_details"] == {"image_tokens": 2 * 6240, "text_tokens": 0}
+        # OpenAI's image-token table (in the engine's prices.json): 1536x1024 high is 6208 tokens.
+        assert body["usage"]["output_tokens_details"] == {"image_tokens": 2 * 6208, "text_tokens": 0}
         result = parse(response)
-        assert result.usage.input_tokens == 10 and result.usage.output_tokens == 12480
-        assert result.usage.total_tokens == 12490
+        assert result.usage.input_tokens == 10 and result.usage.output_tokens == 12416
+        assert result.usage.total_tokens == 12426
         assert len(result.images) == 2 and result.images[0].data != result.images[1].data
         for generated in result.images:
-            # GPT image models ignore response_format: always base64
+            # GPT image models always return base64
             assert generated.url is None and "seed" in generated.revised_prompt
             image = image_of(generated.data)
             assert (image.format, image.size) == ("JPEG", (1536, 1024))
@@ -136,7 +137,7 @@ async def test_openai_gpt_image_shape_tokens_and_format() -> None:
 @pytest.mark.parametrize(
     ("size", "quality", "tokens"),
     [("1024x1024", "low", 272), ("1024x1024", None, 1056), ("1024x1536", "medium", 1584), ("auto", "auto", 1056),
-     ("512x512", "high", 1040)],
+     ("1536x1024", "high", 6208)],
 )
 async def test_gpt_image_output_tokens(size: str, quality: str | None, tokens: int) -> None:
     async with gateway() as client:
@@ -184,7 +185,7 @@ async def test_indoxhub_provider_field_and_url_default() -> None:
         assert (body["provider"], body["model"]) == ("google", "imagen-3")
         assert body["data"][0]["b64_json"] is None
         assert (await client.get(body["data"][0]["url"])).status_code == 200
-        assert body["usage"]["cost"] == 0.01
+        assert body["usage"]["cost"] == 0.04  # imagen-3's list price in the engine's prices.json
 
 
 async def test_router_tier_and_ratio_b64_by_default_with_cost() -> None:
@@ -197,7 +198,7 @@ async def test_router_tier_and_ratio_b64_by_default_with_cost() -> None:
         body = response.json()
         assert set(body["usage"]) == {"input_tokens", "output_tokens", "total_tokens", "cost"}
         result = parse(response)
-        assert result.reported_cost_usd == 0.01
+        assert result.reported_cost_usd == 0.04  # imagen-4's list price in the engine's prices.json
         assert image_of(result.images[0].data).size == (1152, 2048)
 
 
@@ -448,7 +449,7 @@ def test_token_bucket_refills_with_a_fake_clock() -> None:
     now[0] += 0.5
     assert bucket.wait_time(1) == 0 and bucket.remaining == 1
     assert bucket.time_to_full == pytest.approx(0.5)
-    limiter = RateLimiter(rpm=60, ipm=60, clock=lambda: now[0])
+    limiter = GatewayLimiter(rpm=60, ipm=60, clock=lambda: now[0])
     assert limiter.acquire(1).allowed
     refused = limiter.acquire(1)
     assert not refused.allowed and refused.retry_after == pytest.approx(1.0)
@@ -626,7 +627,8 @@ async def test_router_stream_any_model_with_cost() -> None:
         events, headers = await _stream(client, ROUTER, {"prompt": "x", "model": "google/imagen-4", "stream": True,
                                                          "size": "256x256"})
         result = normalize_stream(events, headers=headers)
-        assert result.reported_cost_usd == 0.01 and result.request_id == headers["x-request-id"]
+        # imagen-4's list price in the engine's prices.json
+        assert result.reported_cost_usd == 0.04 and result.request_id == headers["x-request-id"]
         assert image_of(result.images[0].data).size == (256, 256)
 
 
@@ -653,7 +655,8 @@ async def test_stats_never_store_secrets_and_reset_zeroes() -> None:
         ]
         assert counters["last_request_paths"] == [INDOXHUB]
         assert counters["total_requests"] == 1 and counters["by_route"] == {INDOXHUB: 1}
-        assert counters["bytes_served"] > 0 and counters["balance_usd"] == pytest.approx(0.98)
+        # dall-e-2 256x256 costs $0.016
+        assert counters["bytes_served"] > 0 and counters["balance_usd"] == pytest.approx(0.984)
         assert (await client.post(OPENAI, json={"prompt": "x"})).status_code == 429
         reset = await client.post("/_gateway/reset")
         assert reset.status_code == 200
@@ -716,7 +719,7 @@ def test_latency_parsing_and_config_validation() -> None:
 
 def test_module_help_lists_the_options() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "imagegen_provider.gateway", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "imagegen_gateway", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
     for flag in ("--port", "--api-key", "--balance-usd", "--rpm", "--ipm", "--burst", "--latency",
@@ -728,14 +731,15 @@ def test_module_help_lists_the_options() -> None:
 
 def test_module_serves_and_announces_its_address() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "imagegen_provider.gateway", "--port", "0", "--api-key", "sk-cli"],
+        [sys.executable, "-m", "imagegen_gateway", "--port", "0", "--api-key", "sk-cli"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         line = process.stdout.readline().strip()
         assert line.startswith("imagegen gateway listening on http://127.0.0.1:")
         base_url = line.rsplit(" ", 1)[-1]
-        response = httpx.post(base_url + OPENAI, json={"prompt": "x", "size": "64x64", "response_format": "b64_json"},
+        body = {"prompt": "x", "model": "imagen-3", "size": "64x64", "response_format": "b64_json"}
+        response = httpx.post(base_url + OPENAI, json=body,
                               headers={"Authorization": "Bearer sk-cli"})
         image = base64.b64decode(response.json()["data"][0]["b64_json"])
         assert image_of(image).size == (64, 64)

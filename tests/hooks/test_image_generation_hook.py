@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
 from imagegen_provider.wire.request import ImageRequest
 

@@ -83,9 +83,9 @@ class GatewayProcess:
 
 @contextmanager
 def gateway_process(*options: str, startup_timeout: float = 30.0) -> Iterator[GatewayProcess]:
-    """``python -m imagegen_provider.gateway --port 0 OPTIONS…`` in its own process group, until the block ends."""
+    """``python -m imagegen_gateway --port 0 OPTIONS…`` in its own process group, until the block ends."""
     process = subprocess.Popen(
-        [PYTHON, "-m", "imagegen_provider.gateway", "--host", "127.0.0.1", "--port", "0", *options],
+        [PYTHON, "-m", "imagegen_gateway", "--host", "127.0.0.1", "--port", "0", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

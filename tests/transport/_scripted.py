@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from imagegen_provider.gateway.server import bind_socket
+from imagegen_gateway.server import bind_socket
 
 
 @dataclass

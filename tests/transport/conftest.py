@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from imagegen_provider.gateway import GatewayConfig, GatewayHandle, run_gateway_in_thread
+from imagegen_gateway import GatewayConfig, GatewayHandle, run_gateway_in_thread
 from imagegen_provider.transport import ImageGenClient, RetryPolicy
 from imagegen_provider.wire.request import ImageRequest
 

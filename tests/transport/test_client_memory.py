@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import tracemalloc
 
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 
 from .conftest import KEY, small_request
 

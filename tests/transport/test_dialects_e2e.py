@@ -9,7 +9,7 @@ import io
 import pytest
 from PIL import Image
 
-from imagegen_provider.gateway.pricing import compute_usage
+from imagegen_gateway.charges import billed_usage
 from imagegen_provider.wire.imageinfo import inspect_image
 
 from ._scripted import Reply, b64, openai_image_body, png_bytes
@@ -57,7 +57,7 @@ async def test_openai_dialect_url_response_is_downloaded(keyed_gateway, client_f
     usage = generation.result.usage
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (0, 0, 0)
     assert generation.result.reported_cost_usd is None
-    assert stats["spent_usd"] == pytest.approx(compute_usage("dall-e-3", request.prompt, 1024, 1792, "hd", 1).cost_usd)
+    assert stats["spent_usd"] == pytest.approx(billed_usage("dall-e-3", request.prompt, 1024, 1792, "hd", 1).cost_usd)
 
 
 async def test_openai_dialect_gpt_image_b64_with_token_usage(keyed_gateway, client_for):
@@ -78,7 +78,7 @@ async def test_openai_dialect_gpt_image_b64_with_token_usage(keyed_gateway, clie
     assert image.source_url is None  # b64_json: decoded, nothing downloaded
     assert gw.stats()["file_requests"] == 0
     _assert_verified(image, "jpeg", 1024, 1536)
-    expected = compute_usage("gpt-image-1", request.prompt, 1024, 1536, "high", 1)
+    expected = billed_usage("gpt-image-1", request.prompt, 1024, 1536, "high", 1)
     usage = generation.result.usage
     assert (usage.input_tokens, usage.output_tokens) == (expected.input_tokens, expected.output_tokens)
     assert usage.total_tokens == expected.input_tokens + expected.output_tokens
@@ -153,7 +153,7 @@ async def test_router_dialect_passes_provider_object_and_reports_cost(keyed_gate
     ]
     [image] = generation.images
     _assert_verified(image, "webp", 1536, 1024)
-    expected = compute_usage("gpt-image-1", request.prompt, 1536, 1024, "low", 1)
+    expected = billed_usage("gpt-image-1", request.prompt, 1536, 1024, "low", 1)
     result = generation.result
     assert (result.usage.input_tokens, result.usage.output_tokens) == (expected.input_tokens, expected.output_tokens)
     assert result.reported_cost_usd == pytest.approx(expected.cost_usd)
@@ -199,7 +199,7 @@ async def test_streaming_gives_final_image_and_usage(keyed_gateway, client_for, 
         # The router documents no partial_images (seed 004): dropped, and said so.
         assert "partial_images" not in sent and "partial_images" in streamed.dropped_fields
         assert partials == []
-    expected = compute_usage("gpt-image-1", request.prompt, 1024, 1024, "low", 1)
+    expected = billed_usage("gpt-image-1", request.prompt, 1024, 1024, "low", 1)
     usage = streamed.result.usage
     assert (usage.input_tokens, usage.output_tokens) == (expected.input_tokens, expected.output_tokens)
     if dialect == "router":

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 from imagegen_provider.transport import ImageDownloader, RetryPolicy
 from imagegen_provider.wire.errors import ImageDownloadError, ImageExpiredError, ServerError
 

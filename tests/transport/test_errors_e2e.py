@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from imagegen_provider.gateway import GatewayConfig
-from imagegen_provider.gateway.faults import FaultInjector
+from imagegen_gateway import GatewayConfig
+from imagegen_gateway.faults import FaultInjector
 from imagegen_provider.transport import RetryPolicy
 from imagegen_provider.wire.errors import (
     AuthenticationError,

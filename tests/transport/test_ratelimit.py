@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from imagegen_provider.gateway import GatewayConfig
-from imagegen_provider.gateway.limiter import format_duration
+from imagegen_gateway import GatewayConfig
+from imagegen_gateway.limiter import format_duration
 from imagegen_provider.transport import ImageGenClient, RateLimiter, RateLimits, RetryPolicy
 from imagegen_provider.transport.ratelimit import BURST_SECONDS, parse_duration, per_minute_item
 

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 from imagegen_provider.transport import (
     ImageGenClient,
     RateLimiter,

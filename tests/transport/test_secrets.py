@@ -8,7 +8,7 @@ import traceback
 
 import pytest
 
-from imagegen_provider.gateway import GatewayConfig
+from imagegen_gateway import GatewayConfig
 from imagegen_provider.transport import RetryPolicy
 from imagegen_provider.wire.errors import (
     AuthenticationError,

@@ -17,10 +17,10 @@ from typing import Any
 
 import anyio
 
-from imagegen_provider.gateway.config import GatewayConfig
-from imagegen_provider.gateway.faults import FaultInjector
-from imagegen_provider.gateway.limiter import RateLimiter
-from imagegen_provider.gateway.render import Renderer, RenderSpec
+from imagegen_gateway.config import GatewayConfig
+from imagegen_gateway.faults import FaultInjector
+from imagegen_gateway.limiter import GatewayLimiter
+from imagegen_gateway.render import Renderer, RenderSpec
 
 LAST_BODIES = 50
 # Keys that may carry secrets in a request body: never kept, never shown by /_gateway/stats.
@@ -119,7 +119,7 @@ class GatewayState:
         #: Renders in progress, so concurrent requests for the same image wait for one render.
         self.rendering: dict[RenderSpec, anyio.Event] = {}
         self.files = FileStore(config.url_cache_size, config.url_ttl_seconds)
-        self.limiter = RateLimiter(config.rpm, config.ipm, config.burst, config.image_burst)
+        self.limiter = GatewayLimiter(config.rpm, config.ipm, config.burst, config.image_burst)
         self.faults = FaultInjector(config)
         self.stats = Stats()
         self.balance_usd = config.balance_usd

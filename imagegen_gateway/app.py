@@ -12,7 +12,7 @@ Faults (``GatewayConfig.fail_*_rate``, ``corrupt_b64_rate``, ``envelope_failure_
 nor counted in ``images_generated``. A dropped connection (``drop_rate``) is: the image was made and paid
 for, only the response is lost; ``charged_images - images_generated`` in the stats is what clients paid
 for and never got. Over a socket the drop is a real aborted connection; under ``httpx.ASGITransport`` the
-client gets :class:`~imagegen_provider.gateway.responses.DroppedConnection`, an ``httpx.RemoteProtocolError``.
+client gets :class:`~imagegen_gateway.responses.DroppedConnection`, an ``httpx.RemoteProtocolError``.
 
 Stats semantics: ``total_requests``/``by_status``/``by_route`` count every request except ``/_gateway/*``;
 ``accepted_timeline`` counts successful (fault-free 200) generation requests per wall-clock second.
@@ -34,19 +34,23 @@ import anyio
 import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imagegen_provider.gateway.config import GatewayConfig
-from imagegen_provider.gateway.faults import Fault, corrupt_base64
-from imagegen_provider.gateway.limiter import retry_after_headers
-from imagegen_provider.gateway.parsing import GenParams, ParseError, parse_request
-from imagegen_provider.gateway.pricing import Usage, compute_usage
-from imagegen_provider.gateway.render import RenderSpec
-from imagegen_provider.gateway.responses import (
+from imagegen_gateway.charges import BilledUsage, billed_usage
+from imagegen_gateway.config import GatewayConfig
+from imagegen_gateway.faults import Fault, corrupt_base64
+from imagegen_gateway.inputs import MAX_UPLOAD_BYTES, MB, check_inputs, read_image
+from imagegen_gateway.inputs import digest as input_digest
+from imagegen_gateway.limiter import retry_after_headers
+from imagegen_gateway.parsing import GenParams, parse_request
+from imagegen_gateway.render import RenderSpec
+from imagegen_gateway.responses import (
     DroppedConnection,
     DroppingResponse,
     ImageOut,
@@ -60,13 +64,18 @@ from imagegen_provider.gateway.responses import (
     revised_prompt,
     router_body,
 )
-from imagegen_provider.gateway.state import GatewayState
+from imagegen_gateway.rules import InvalidRequest, Operation, rules_for
+from imagegen_gateway.state import GatewayState
 
 GENERATION_ROUTES = {
     "/v1/images/generations": "openai",
     "/api/v1/images/generations": "indoxhub",
     "/router/v1/images/generations": "router",
 }
+EDIT_ROUTE = "/v1/images/edits"
+VARIATION_ROUTE = "/v1/images/variations"
+#: Every route that makes images (counted in flight).
+IMAGE_ROUTES = frozenset({*GENERATION_ROUTES, EDIT_ROUTE, VARIATION_ROUTE})
 MODEL_ROUTES = {"/v1/models": "openai", "/api/v1/models": "indoxhub", "/router/v1/models": "router"}
 REQUEST_ID = "imagegen.request_id"
 # Images at least this big are rendered in a worker thread so the event loop keeps serving.
@@ -76,13 +85,14 @@ CONTENT_POLICY_MESSAGE = "Your request was rejected as a result of our safety sy
 
 
 def _gateway(request: Request) -> GatewayState:
-    return request.app.state.gateway
+    state: GatewayState = request.app.state.gateway
+    return state
 
 
 def _route_label(path: str) -> str:
     if path.startswith("/files/"):
         return "/files"
-    if path in GENERATION_ROUTES or path in MODEL_ROUTES or path == "/healthz":
+    if path in IMAGE_ROUTES or path in MODEL_ROUTES or path == "/healthz":
         return path
     return "other"
 
@@ -102,49 +112,58 @@ class Instrumentation:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
-        scope[REQUEST_ID] = request_id
         path: str = scope["path"]
-        counted = not path.startswith("/_gateway")
-        generation = path in GENERATION_ROUTES
-        status: int | None = None
-        sent = 0
+        exchange = _Exchange(send, request_id=uuid.uuid4().hex, counted=not path.startswith("/_gateway"))
+        scope[REQUEST_ID] = exchange.request_id
+        making_images = path in IMAGE_ROUTES
+        self._arrived(path, counted=exchange.counted, making_images=making_images)
+        # Counters are read from ``self.gateway.stats`` again at the end: /_gateway/reset swaps the object.
+        try:
+            await self.app(scope, receive, exchange.send)
+        except DroppedConnection:
+            self.gateway.stats.dropped_connections += 1
+            self.gateway.stats.bytes_served += exchange.sent
+            raise
+        except Exception:
+            if exchange.counted and exchange.status is None:
+                self.gateway.stats.by_status[500] += 1
+            raise
+        else:
+            if exchange.counted and exchange.status is not None:
+                self.gateway.stats.by_status[exchange.status] += 1
+                self.gateway.stats.bytes_served += exchange.sent
+        finally:
+            if making_images:
+                current = self.gateway.stats
+                current.in_flight = max(0, current.in_flight - 1)
+
+    def _arrived(self, path: str, *, counted: bool, making_images: bool) -> None:
         stats = self.gateway.stats
         if counted:
             stats.total_requests += 1
             stats.by_route[_route_label(path)] += 1
-        if generation:
+        if making_images:
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
 
-        async def instrumented_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
 
-        # Counters are read from ``self.gateway.stats`` again at the end: /_gateway/reset swaps the object.
-        try:
-            await self.app(scope, receive, instrumented_send)
-        except DroppedConnection:
-            self.gateway.stats.dropped_connections += 1
-            self.gateway.stats.bytes_served += sent
-            raise
-        except Exception:
-            if counted and status is None:
-                self.gateway.stats.by_status[500] += 1
-            raise
-        else:
-            if counted and status is not None:
-                self.gateway.stats.by_status[status] += 1
-                self.gateway.stats.bytes_served += sent
-        finally:
-            if generation:
-                current = self.gateway.stats
-                current.in_flight = max(0, current.in_flight - 1)
+class _Exchange:
+    """One request's way out: adds the ``x-request-id`` header, notes the status and counts the body bytes."""
+
+    def __init__(self, send: Send, *, request_id: str, counted: bool) -> None:
+        self._send = send
+        self.request_id = request_id
+        self.counted = counted
+        self.status: int | None = None
+        self.sent = 0
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message["headers"] = [*message.get("headers", []), (b"x-request-id", self.request_id.encode())]
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        await self._send(message)
 
 
 # --- auth ---------------------------------------------------------------------------------------------------
@@ -190,6 +209,7 @@ def _spec(params: GenParams, index: int) -> RenderSpec:
         background=params.background,
         compression=params.compression,
         index=index,
+        source=params.source,
     )
 
 
@@ -257,7 +277,7 @@ async def _images(request: Request, params: GenParams, *, corrupt: bool) -> list
     return out
 
 
-def _usage_payload(params: GenParams, usage: Usage) -> dict[str, Any]:
+def _usage_payload(params: GenParams, usage: BilledUsage) -> dict[str, Any]:
     if params.dialect == "router":
         return usage.router()
     return usage.openai_gpt() if params.gpt else usage.openai_compatible()
@@ -271,13 +291,13 @@ async def _stream_chunks(request: Request, params: GenParams, images: list[Image
     for index, image in enumerate(images):
         for partial_index, spec in enumerate(_partial_specs(params, _spec(params, index))):
             chunks.append(partial_event(params, _b64(await _render(gateway, spec)), partial_index, created))
-        usage = compute_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, index + 1)
+        usage = billed_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, index + 1)
         chunks.append(completed_event(params, image, _usage_payload(params, usage), created))
     return chunks
 
 
 def _success_body(
-    request: Request, params: GenParams, images: list[ImageOut], usage: Usage, started: float
+    request: Request, params: GenParams, images: list[ImageOut], usage: BilledUsage, started: float
 ) -> dict[str, Any]:
     created = int(time.time())
     if params.dialect == "indoxhub":
@@ -288,104 +308,146 @@ def _success_body(
     return openai_body(params, images, usage, created)
 
 
-# --- the generation endpoint --------------------------------------------------------------------------------
+# --- the generation endpoints: one flow in named stages ---------------------------------------------------
+
+#: A stage that either lets the request go on or answers it.
+Refusal = Response | None
 
 
-def _generation_endpoint(dialect: str) -> Callable[[Request], Awaitable[Response]]:
-    async def endpoint(request: Request) -> Response:
-        return await _generate(request, dialect)
-
-    endpoint.__name__ = f"generate_{dialect}"
-    return endpoint
-
-
-async def _generate(request: Request, dialect: str) -> Response:
-    started = time.perf_counter()
+async def _read_json(request: Request, dialect: str) -> GenParams | Response:
+    """Stage 2 for JSON routes: decode the body, remember it for the stats, resolve its parameters."""
     gateway = _gateway(request)
-    config = gateway.config
-    request_id: str = request.scope[REQUEST_ID]
-    gateway.stats.generation_requests += 1
-
-    denied = _auth_error(request, dialect)
-    if denied is not None:
-        return denied
-
-    raw = await request.body()
     try:
-        body = json.loads(raw)
+        body = json.loads(await request.body())
     except ValueError:
-        return error_response(
-            dialect, 400, "We could not parse the JSON body of your request.", code="invalid_json",
-            request_id=request_id,
-        )
+        return _invalid(request, dialect, InvalidRequest("We could not parse the JSON body of your request.",
+                                                         None, "invalid_json"))
     gateway.stats.record_body(request.url.path, body)
     try:
-        params = parse_request(dialect, body, default_response_format=config.default_response_format)
-    except ParseError as exc:
-        return error_response(dialect, 400, exc.message, code=exc.code, param=exc.param, request_id=request_id)
+        return parse_request(dialect, body, default_response_format=gateway.config.default_response_format)
+    except InvalidRequest as exc:
+        return _invalid(request, dialect, exc)
 
-    trigger = config.content_policy_trigger
-    if trigger and trigger.lower() in params.prompt.lower():
-        gateway.stats.content_policy_rejections += 1
-        return error_response(
-            dialect, 400, CONTENT_POLICY_MESSAGE, code="content_policy_violation", param="prompt",
-            request_id=request_id,
-        )
 
-    headers: dict[str, str] = {}
-    if gateway.limiter.enabled:
-        decision = gateway.limiter.acquire(params.n)
-        if config.rate_limit_headers:
-            headers.update(decision.headers)
-        if not decision.allowed:
-            gateway.stats.rate_limited += 1
-            if config.retry_after_header:
-                headers.update(retry_after_headers(decision.retry_after))
-            unit = "requests" if decision.limit == "requests" else "images"
-            return error_response(
-                dialect,
-                429,
-                f"Rate limit reached for {unit} per minute. Please try again in {decision.retry_after:.3g}s.",
-                type_=unit,
-                code="rate_limit_exceeded",
-                request_id=request_id,
-                headers=headers,
-            )
+def _form_reader(operation: Operation) -> Callable[[Request, str], Awaitable[GenParams | Response]]:
+    async def read(request: Request, dialect: str) -> GenParams | Response:
+        try:
+            return await _read_form(request, dialect, operation)
+        except InvalidRequest as exc:
+            return _invalid(request, dialect, exc)
 
-    usage = compute_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, params.n)
+    return read
+
+
+async def _read_form(request: Request, dialect: str, operation: Operation) -> GenParams:
+    """Stage 2 for the multipart routes (edits, variations): text fields through the same rules as JSON, then
+    the uploaded images, whose fingerprint makes the picture."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+        raise InvalidRequest(f"The upload is larger than {MAX_UPLOAD_BYTES // MB} MB.", "image", "upload_too_large")
+    try:
+        form = await request.form()
+    except (MultiPartException, AssertionError, ValueError) as exc:
+        raise InvalidRequest(f"Could not read the multipart body: {exc}", None, "invalid_multipart") from None
+    fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+    uploads = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    gateway = _gateway(request)
+    gateway.stats.record_body(request.url.path, {**fields, "files": [key for key, _ in uploads]})
+    params = parse_request(dialect, fields, default_response_format=gateway.config.default_response_format,
+                           operation=operation, form=True)
+    images = [read_image(await upload.read(), "image") for key, upload in uploads if _is_image_field(key)]
+    masks = [read_image(await upload.read(), "mask") for key, upload in uploads if key == "mask"]
+    mask = masks[0] if masks else None
+    check_inputs(rules_for(params.model), operation, images, mask)
+    return replace(params, source=input_digest(images, mask))
+
+
+def _is_image_field(key: str) -> bool:
+    """``image``, or an array of them as SDKs spell it: ``image[]``, ``image[0]``."""
+    return key == "image" or key.startswith("image[")
+
+
+def _invalid(request: Request, dialect: str, exc: InvalidRequest) -> Response:
+    return error_response(dialect, 400, exc.message, code=exc.code, param=exc.param,
+                          request_id=request.scope[REQUEST_ID])
+
+
+def _policy_refusal(request: Request, params: GenParams) -> Refusal:
+    """Stage 3: a prompt containing the configured trigger word is refused as a content-policy violation."""
+    gateway = _gateway(request)
+    trigger = gateway.config.content_policy_trigger
+    if not trigger or trigger.lower() not in params.prompt.lower():
+        return None
+    gateway.stats.content_policy_rejections += 1
+    return error_response(params.dialect, 400, CONTENT_POLICY_MESSAGE, code="content_policy_violation",
+                          param="prompt", request_id=request.scope[REQUEST_ID])
+
+
+def _rate_limit(request: Request, params: GenParams, headers: dict[str, str]) -> Refusal:
+    """Stage 4: take one request and ``n`` image tokens, or answer 429 at once (before any latency). Adds the
+    ``x-ratelimit-*`` headers to ``headers`` for every later answer."""
+    gateway = _gateway(request)
+    config = gateway.config
+    if not gateway.limiter.enabled:
+        return None
+    decision = gateway.limiter.acquire(params.n)
+    if config.rate_limit_headers:
+        headers.update(decision.headers)
+    if decision.allowed:
+        return None
+    gateway.stats.rate_limited += 1
+    refusal_headers = dict(headers)
+    if config.retry_after_header:
+        refusal_headers.update(retry_after_headers(decision.retry_after))
+    unit = "requests" if decision.limit == "requests" else "images"
+    return error_response(
+        params.dialect, 429,
+        f"Rate limit reached for {unit} per minute. Please try again in {decision.retry_after:.3g}s.",
+        type_=unit, code="rate_limit_exceeded", request_id=request.scope[REQUEST_ID], headers=refusal_headers,
+    )
+
+
+def _charge(
+    request: Request, params: GenParams, usage: BilledUsage, headers: dict[str, str]
+) -> Fault | Response | None:
+    """Stages 5-6: 402 unless the balance covers the request; then draw the fault, and charge unless a fault
+    other than a dropped connection fires. Charged before any ``await``, so concurrent requests can never
+    overdraw the balance."""
+    gateway = _gateway(request)
     if not gateway.can_afford(usage.cost_usd):
-        return error_response(
-            dialect, 402, "Insufficient balance", type_="insufficient_quota", code="insufficient_quota",
-            request_id=request_id, headers=headers,
-        )
-
-    fault = gateway.faults.draw(envelope=dialect == "indoxhub")
+        return error_response(params.dialect, 402, "Insufficient balance", type_="insufficient_quota",
+                              code="insufficient_quota", request_id=request.scope[REQUEST_ID], headers=headers)
+    fault = gateway.faults.draw(envelope=params.dialect == "indoxhub")
     if fault is None or fault.charges:
-        # Charged before the latency await, so concurrent requests can never overdraw the balance.
         gateway.charge(usage.cost_usd, params.n)
     if fault is not None:
         gateway.stats.faults[fault.value] += 1
+    return fault
 
-    delay = gateway.faults.latency()
-    if delay > 0:
-        await anyio.sleep(delay)
 
+def _fault_response(request: Request, params: GenParams, fault: Fault | None, headers: dict[str, str],
+                    started: float) -> Refusal:
+    """Stage 8a: the answer of a fault that replaces the images (502/503/500, IndoxHub's ``success: false``)."""
+    request_id: str = request.scope[REQUEST_ID]
     if fault is Fault.BAD_GATEWAY:
         return bad_gateway_html(headers)
     if fault is Fault.UNAVAILABLE:
-        return error_response(
-            dialect, 503, "The server is overloaded or not ready yet.", type_="server_error",
-            code="service_unavailable", request_id=request_id, headers={**headers, "retry-after": "1"},
-        )
+        return error_response(params.dialect, 503, "The server is overloaded or not ready yet.",
+                              type_="server_error", code="service_unavailable", request_id=request_id,
+                              headers={**headers, "retry-after": "1"})
     if fault is Fault.SERVER_ERROR:
-        return error_response(
-            dialect, 500, "The server had an error while processing your request.", type_="server_error",
-            code="internal_error", request_id=request_id, headers=headers,
-        )
+        return error_response(params.dialect, 500, "The server had an error while processing your request.",
+                              type_="server_error", code="internal_error", request_id=request_id, headers=headers)
     if fault is Fault.ENVELOPE_FAILURE:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         return JSONResponse(indoxhub_envelope_failure(params, request_id, duration_ms), headers=headers)
+    return None
 
+
+async def _deliver(request: Request, params: GenParams, usage: BilledUsage, fault: Fault | None,
+                   headers: dict[str, str], started: float) -> Response:
+    """Stage 8b: the images, buffered or streamed; a dropped connection sends half of it and aborts."""
+    gateway = _gateway(request)
     images = await _images(request, params, corrupt=fault is Fault.CORRUPT_B64)
     if params.stream:
         chunks = await _stream_chunks(request, params, images, int(time.time()))
@@ -399,11 +461,50 @@ async def _generate(request: Request, dialect: str) -> Response:
         if fault is Fault.DROP:
             return DroppingResponse(orjson.dumps(payload), media_type="application/json", headers=headers)
         response = _FastJSONResponse(payload, headers=headers)
-
     if fault is None:
         gateway.stats.images_generated += params.n
         gateway.stats.record_accepted()
     return response
+
+
+Reader = Callable[[Request, str], Awaitable[GenParams | Response]]
+
+
+async def _serve(request: Request, dialect: str, read: Reader) -> Response:
+    """The order of the module docstring: auth, parameters, policy, rate limit, balance and faults, latency,
+    then the answer. Requests refused before the rate limit consume no tokens."""
+    started = time.perf_counter()
+    gateway = _gateway(request)
+    gateway.stats.generation_requests += 1
+    denied = _auth_error(request, dialect)
+    if denied is not None:
+        return denied
+    params = await read(request, dialect)
+    if isinstance(params, Response):
+        return params
+    headers: dict[str, str] = {}
+    refused = _policy_refusal(request, params) or _rate_limit(request, params, headers)
+    if refused is not None:
+        return refused
+    usage = billed_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, params.n)
+    fault = _charge(request, params, usage, headers)
+    if isinstance(fault, Response):
+        return fault
+    delay = gateway.faults.latency()
+    if delay > 0:
+        await anyio.sleep(delay)
+    faulty = _fault_response(request, params, fault, headers, started)
+    if faulty is not None:
+        return faulty
+    return await _deliver(request, params, usage, fault, headers, started)
+
+
+def _endpoint(dialect: str, read: Reader, name: str) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await _serve(request, dialect, read)
+
+    endpoint.__name__ = name
+    return endpoint
 
 
 # --- the other routes ---------------------------------------------------------------------------------------
@@ -455,7 +556,11 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
     """The gateway as an ASGI app; ``app.state.gateway`` is its :class:`GatewayState`."""
     gateway = GatewayState(config or GatewayConfig())
     routes = [
-        *(Route(path, _generation_endpoint(dialect), methods=["POST"]) for path, dialect in GENERATION_ROUTES.items()),
+        *(Route(path, _endpoint(dialect, _read_json, f"generate_{dialect}"), methods=["POST"])
+          for path, dialect in GENERATION_ROUTES.items()),
+        Route(EDIT_ROUTE, _endpoint("openai", _form_reader(Operation.EDIT), "edit_openai"), methods=["POST"]),
+        Route(VARIATION_ROUTE, _endpoint("openai", _form_reader(Operation.VARIATION), "variation_openai"),
+              methods=["POST"]),
         *(Route(path, list_models, methods=["GET"]) for path in MODEL_ROUTES),
         Route("/files/{token}", get_file, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -8,9 +8,9 @@ fault whatever happened before it.
 from __future__ import annotations
 
 import random
-from enum import Enum
+from enum import StrEnum
 
-from imagegen_provider.gateway.config import GatewayConfig
+from imagegen_gateway.config import GatewayConfig
 
 NGINX_502_HTML = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
@@ -18,7 +18,7 @@ NGINX_502_HTML = (
 )
 
 
-class Fault(str, Enum):
+class Fault(StrEnum):
     BAD_GATEWAY = "502"
     UNAVAILABLE = "503"
     SERVER_ERROR = "500"

@@ -16,10 +16,10 @@ import httpx
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from imagegen_provider.gateway.faults import NGINX_502_HTML
-from imagegen_provider.gateway.parsing import GenParams
-from imagegen_provider.gateway.pricing import Usage
-from imagegen_provider.wire.validation import ModelFamily, model_family
+from imagegen_gateway.charges import BilledUsage
+from imagegen_gateway.faults import NGINX_502_HTML
+from imagegen_gateway.parsing import GenParams
+from imagegen_gateway.rules import DALL_E_2, rules_for
 
 
 class DroppedConnection(httpx.RemoteProtocolError):
@@ -43,7 +43,7 @@ class ImageOut:
 
 def revised_prompt(params: GenParams) -> str | None:
     """Deterministic stand-in for the model's prompt rewrite; dall-e-2 never rewrites."""
-    if model_family(params.bare_model) is ModelFamily.DALL_E_2:
+    if rules_for(params.bare_model) is DALL_E_2:
         return None
     return f"{params.prompt} (rendered by imagegen local gateway, seed {params.seed})"
 
@@ -89,7 +89,7 @@ def _openai_item(image: ImageOut) -> dict[str, Any]:
     return item
 
 
-def openai_body(params: GenParams, images: Sequence[ImageOut], usage: Usage, created: int) -> dict[str, Any]:
+def openai_body(params: GenParams, images: Sequence[ImageOut], usage: BilledUsage, created: int) -> dict[str, Any]:
     """Seeds 001-003. GPT image models add the rendition fields and token usage; others get the zeroed
     chat-style usage of OpenAI-compatible gateways."""
     body: dict[str, Any] = {"created": created, "data": [_openai_item(image) for image in images]}
@@ -106,7 +106,7 @@ def openai_body(params: GenParams, images: Sequence[ImageOut], usage: Usage, cre
     return body
 
 
-def router_body(params: GenParams, images: Sequence[ImageOut], usage: Usage, created: int) -> dict[str, Any]:
+def router_body(params: GenParams, images: Sequence[ImageOut], usage: BilledUsage, created: int) -> dict[str, Any]:
     """Seed 004: the OpenAI envelope with ``cost`` in ``usage``."""
     return {
         "created": created,
@@ -121,7 +121,7 @@ def router_body(params: GenParams, images: Sequence[ImageOut], usage: Usage, cre
 
 
 def indoxhub_body(
-    params: GenParams, images: Sequence[ImageOut], usage: Usage, request_id: str, duration_ms: float
+    params: GenParams, images: Sequence[ImageOut], usage: BilledUsage, request_id: str, duration_ms: float
 ) -> dict[str, Any]:
     """Seed 000: IndoxHub's envelope; both ``url`` and ``b64_json`` are present, one of them null."""
     data = []
@@ -154,7 +154,7 @@ def indoxhub_envelope_failure(params: GenParams, request_id: str, duration_ms: f
         "success": False,
         "message": "Provider error: the upstream provider returned no image",
         "data": [],
-        "usage": Usage(0, 0, 0.0).indoxhub(duration_ms),
+        "usage": BilledUsage(0, 0, 0.0).indoxhub(duration_ms),
     }
 
 

@@ -83,7 +83,7 @@ class TokenBucket:
 
 @dataclass
 class Decision:
-    """Outcome of :meth:`RateLimiter.acquire`: allowed or not, how long to wait, which headers to send."""
+    """Outcome of :meth:`GatewayLimiter.acquire`: allowed or not, how long to wait, which headers to send."""
 
     allowed: bool
     retry_after: float = 0.0
@@ -92,7 +92,7 @@ class Decision:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class RateLimiter:
+class GatewayLimiter:
     """Both buckets, taken together: a request is admitted only if every configured bucket has room."""
 
     def __init__(

@@ -19,10 +19,10 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from imagegen_provider.gateway.app import create_app
-from imagegen_provider.gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
-from imagegen_provider.gateway.responses import DroppedConnection
-from imagegen_provider.gateway.state import GatewayState
+from imagegen_gateway.app import create_app
+from imagegen_gateway.config import DEFAULT_HOST, DEFAULT_PORT, GatewayConfig
+from imagegen_gateway.responses import DroppedConnection
+from imagegen_gateway.state import GatewayState
 
 _SHUTDOWN_TIMEOUT = 10.0
 logger = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ class GatewayHandle:
 
     @property
     def state(self) -> GatewayState:
-        return self.app.state.gateway
+        state: GatewayState = self.app.state.gateway
+        return state
 
     def url(self, path: str) -> str:
         return self.base_url + path

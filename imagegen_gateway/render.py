@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from imagegen_gateway.config import DETAILS
+
 MAX_SEED = 2**31 - 1
 #: Side of the pattern drawn before upscaling; small enough to build in pure Python in microseconds.
 PATTERN_CELLS = 32
@@ -46,6 +48,8 @@ class RenderSpec:
     compression: int | None = None
     #: Position of the image within a request's ``n``: the images of one request differ.
     index: int = 0
+    #: Fingerprint of the images an edit or variation started from.
+    source: str | None = None
 
     @property
     def content_type(self) -> str:
@@ -61,6 +65,7 @@ class RenderSpec:
             str(part)
             for part in (
                 self.prompt, self.seed, self.model, self.quality, self.style, self.negative_prompt, self.index,
+                self.source,
             )
         )
         return hashlib.sha256(key.encode("utf-8")).digest()
@@ -89,9 +94,6 @@ def _pattern(spec: RenderSpec) -> Image.Image:
     return Image.frombytes(mode, (cells, cells), bytes(pixels))
 
 
-#: Image detail levels: ``flat`` encodes to a few KB (fast tests); ``photo`` adds smooth noise so that encoded
-#: sizes are those of real model output (a 1024x1024 PNG of about 2 MB), for benchmarks of the client.
-DETAILS = ("flat", "photo")
 
 
 def _texture(spec: RenderSpec, size: tuple[int, int]) -> Image.Image:
