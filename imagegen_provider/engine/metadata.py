@@ -44,7 +44,7 @@ def _to_json(row: dict[str, Any]) -> bytes:
 
 
 def _from_json(data: bytes) -> dict[str, Any]:
-    row = json.loads(data)
+    row: dict[str, Any] = json.loads(data)
     for key in _TIMESTAMPS:
         if isinstance(row.get(key), str):
             row[key] = datetime.fromisoformat(row[key])
@@ -192,12 +192,12 @@ def folded_entries(location: StorageLocation, parts: Iterable[str] | None = None
     return folded
 
 
-def _journal_entries(location: StorageLocation, journal_dir: str) -> dict[str, list[str]]:
-    """Entries under ``journal_dir`` by writer (dropping temporary files that a killed writer left
-    half-written: they never became entries)."""
+def _journal_entries(location: StorageLocation, journal_dir: str, *, clean: bool) -> dict[str, list[str]]:
+    """Entries under ``journal_dir`` by writer; ``clean`` drops temporary files that a killed writer left
+    half-written (they never became entries; a live writer's would be in use, so only for dead writers)."""
     found = location.list_files(journal_dir)
     stale = [e for e in found if is_temp_file(e)]
-    if stale:
+    if stale and clean:
         location.remove(stale)
     by_writer: dict[str, list[str]] = {}
     for entry in found:
@@ -207,11 +207,16 @@ def _journal_entries(location: StorageLocation, journal_dir: str) -> dict[str, l
     return by_writer
 
 
+def journal_writers(location: StorageLocation) -> list[str]:
+    """Writers (shard labels) with journal entries not yet folded into a part."""
+    return sorted(_journal_entries(location, JOURNAL_DIR, clean=False))
+
+
 def recover_journal(location: StorageLocation, journal_dir: str = JOURNAL_DIR) -> int:
     """Fold every journal entry under ``journal_dir`` into a part per writer, exactly once: entries some
     part already folds (a writer killed between publishing the part and deleting them) are only deleted.
     Returns the rows newly folded."""
-    by_writer = _journal_entries(location, journal_dir)
+    by_writer = _journal_entries(location, journal_dir, clean=True)
     if not by_writer:
         return 0
     folded = folded_entries(location)
@@ -265,9 +270,9 @@ def read_metadata(location: StorageLocation, columns: Iterable[str] | None = Non
     return pa.concat_tables(tables)
 
 
-def current_rows(table: pa.Table) -> pd.DataFrame:
+def current_rows(table: pa.Table | pd.DataFrame) -> pd.DataFrame:
     """One row per (prompt_id, image_index): the latest finished, a success winning a tie."""
-    frame = table.to_pandas()
+    frame = table.to_pandas() if isinstance(table, pa.Table) else table.copy()
     if frame.empty:
         return frame
     frame["_ok"] = frame["status"] == STATUS_SUCCEEDED

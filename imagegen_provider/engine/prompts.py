@@ -26,15 +26,15 @@ def _is_string(t: pa.DataType) -> bool:
     # Dictionary-encoded strings are what pandas writes for a categorical column (a "model" column, say).
     if pa.types.is_dictionary(t):
         return _is_string(t.value_type)
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
 
 
 def _is_int(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t)
+    return bool(pa.types.is_integer(t))
 
 
 def _is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
 
 
 # Columns that override a request parameter per row, and the Arrow types they accept. ``n`` is the number
@@ -110,7 +110,7 @@ class PromptTable:
 
     @property
     def num_rows(self) -> int:
-        return self._file.metadata.num_rows
+        return int(self._file.metadata.num_rows)
 
     @property
     def row_group_bounds(self) -> list[int]:
