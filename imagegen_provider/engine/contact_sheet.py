@@ -103,18 +103,17 @@ def _thumbnail(location: StorageLocation, file_name: str, size: int) -> Image.Im
         return None
 
 
-def _marked_tile(draw: ImageDraw.ImageDraw, x: int, y: int, layout: SheetLayout, label: str) -> None:
+def _marked_tile(draw: ImageDraw.ImageDraw, x: int, y: int, layout: SheetLayout, title: str, detail: str) -> None:
     edge = layout.tile - 1
     draw.rectangle((x, y, x + edge, y + edge), fill=_FAILED, outline=_MARK, width=3)
     draw.line((x + 12, y + 12, x + edge - 12, y + edge - 12), fill=_MARK, width=4)
     draw.line((x + 12, y + edge - 12, x + edge - 12, y + 12), fill=_MARK, width=4)
-    font = _font(16)
-    text = _fit(draw, label, layout.tile - 16, font)
-    width = draw.textlength(text, font=font)
-    box = (x + (layout.tile - width) / 2 - 4, y + layout.tile / 2 - 12, x + (layout.tile + width) / 2 + 4,
-           y + layout.tile / 2 + 12)
-    draw.rectangle(box, fill=(255, 255, 255))
-    draw.text((x + layout.tile / 2, y + layout.tile / 2), text, fill=_MARK, font=font, anchor="mm")
+    middle = x + layout.tile / 2
+    draw.rectangle((x + 6, y + layout.tile / 2 - 22, x + edge - 6, y + layout.tile / 2 + 20), fill=(255, 255, 255))
+    title_font, detail_font = _font(16), _font(12)
+    draw.text((middle, y + layout.tile / 2 - 10), title, fill=_MARK, font=title_font, anchor="mm")
+    detail = _fit(draw, detail, layout.tile - 16, detail_font)
+    draw.text((middle, y + layout.tile / 2 + 9), detail, fill=_MARK, font=detail_font, anchor="mm")
 
 
 def _draw_tile(page: Image.Image, slot: int, entry: _Entry, location: StorageLocation, layout: SheetLayout) -> None:
@@ -125,7 +124,8 @@ def _draw_tile(page: Image.Image, slot: int, entry: _Entry, location: StorageLoc
         page.paste(thumb, (x + (layout.tile - thumb.width) // 2, y + (layout.tile - thumb.height) // 2))
         thumb.close()
     else:
-        _marked_tile(draw, x, y, layout, f"FAILED: {entry.error_type}" if entry.error_type else "UNREADABLE")
+        title = "FAILED" if entry.error_type else "UNREADABLE"
+        _marked_tile(draw, x, y, layout, title, entry.error_type or entry.file_name or "")
     font = _font(13)
     seed = "?" if entry.seed is None else str(entry.seed)
     draw.text((x, y + layout.tile + 3), _fit(draw, entry.prompt_id, layout.tile, font), fill=_TEXT, font=font)
