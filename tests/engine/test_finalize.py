@@ -232,3 +232,26 @@ async def test_leases_are_read_through_engine_lease_when_it_exists(tmp_path, gat
         finalize_output(str(output), prompts=prompts)
     assert len(seen) == 1 and seen[0].uri.endswith("/out")
     assert image_files(output)  # nothing was deleted
+
+
+async def test_object_store_sizes_and_sha256_are_checked_too(tmp_path, gateway, s3_server):
+    import uuid
+
+    import s3fs
+
+    options = s3_server["storage_options"]
+    fs = s3fs.S3FileSystem(**options)
+    base = f"s3://{s3_server['bucket']}/verify-{uuid.uuid4().hex}"
+    ids, texts = numbered(3)
+    prompts = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    await run_batch(gateway, prompts=prompts, output=f"{base}/out", output_storage_options=options)
+    names = current(f"{base}/out", options)["file_name"].tolist()
+    data = bytearray(fs.cat_file(f"{base}/out/{names[0]}"))
+    data[-20] ^= 0xFF
+    fs.pipe_file(f"{base}/out/{names[0]}", bytes(data))
+    fs.rm(f"{base}/out/{names[1]}")
+    fs.invalidate_cache()
+    report = finalize_output(f"{base}/out", prompts=prompts, verify=True, output_storage_options=options)
+    assert sorted(map(tuple, report.damaged_images)) == [(ids[0], 0, "sha256 differs"), (ids[1], 0, "missing")]
+    assert report.succeeded == 1 and not report.complete
+    assert fs.exists(f"{base}/out/contact_sheet.png")
