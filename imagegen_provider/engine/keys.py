@@ -81,9 +81,10 @@ def folder_collision(seen: dict[str, str], prompt_id: str) -> str | None:
     """Record ``prompt_id``'s folder in ``seen`` (folder -> id); return the id already holding that folder
     (``prompt_id`` itself for a repeated id), or ``None`` when the folder was free.
 
-    Folder names are compared case-folded, as a case-insensitive filesystem compares them.
+    Folder names are compared as a case-insensitive filesystem compares them; they are lowercase ASCII by
+    construction, so case folding is the identity (and a plain id is its own key: no second copy in memory).
     """
-    folder = safe_id(prompt_id).casefold()
+    folder = safe_id(prompt_id)
     holder = seen.get(folder)
     if holder is None:
         seen[folder] = prompt_id
