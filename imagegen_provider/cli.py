@@ -133,6 +133,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             prompt_column=args.prompt_column,
             id_column=args.id_column,
             images_per_prompt=args.images_per_prompt,
+            row_start=start,
+            row_stop=stop,
         )
         result["dataset"] = report.brief()
     return result
@@ -192,9 +194,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_finalize(args: argparse.Namespace) -> int:
-    from imagegen_provider.engine.finalize import finalize_output
+    from imagegen_provider.engine.finalize import LiveShardError, finalize_output
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start, stop = args.rows or (0, None)
     try:
         report = finalize_output(
             args.output,
@@ -202,12 +205,25 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
             prompt_column=args.prompt_column,
             id_column=args.id_column,
             images_per_prompt=args.images_per_prompt,
+            row_start=start,
+            row_stop=stop,
+            verify=args.verify,
+            contact_sheet=not args.no_contact_sheet,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, LiveShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.brief(), indent=2))
     return 0 if report.complete else 1
+
+
+def _cmd_contact_sheet(args: argparse.Namespace) -> int:
+    from imagegen_provider.engine.contact_sheet import write_contact_sheet
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    pages = write_contact_sheet(args.output, max_pages=args.max_pages)
+    print("\n".join(pages) if pages else f"nothing on record in {args.output}")
+    return 0 if pages else 1
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -257,8 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     finalize.add_argument("output")
     finalize.add_argument("--prompts", help="The prompt table, to list missing images.")
     finalize.add_argument("--images-per-prompt", type=int, default=1)
+    finalize.add_argument("--rows", type=_rows, help="Check only rows START:STOP of the table (a shard).")
+    finalize.add_argument("--verify", action="store_true", help="Also compare every image's sha256 with its record.")
+    finalize.add_argument("--no-contact-sheet", action="store_true", help="Do not write contact_sheet.png.")
     _add_column_arguments(finalize)
     finalize.set_defaults(func=_cmd_finalize)
+
+    sheet = commands.add_parser("contact-sheet", help="Write contact_sheet.png: every image as a captioned thumbnail.")
+    sheet.add_argument("output")
+    sheet.add_argument("--max-pages", type=int, help="At most this many pages of 64 images (default: all).")
+    sheet.set_defaults(func=_cmd_contact_sheet)
 
     plan = commands.add_parser("plan", help="Print shard descriptors (row ranges) of a prompt table as JSON.")
     plan.add_argument("prompts")

@@ -1,4 +1,27 @@
-"""Seeds and object keys: pure functions of (base seed, prompt id, image index), whatever the sharding."""
+"""Seeds and object keys: pure functions of (base seed, prompt id, image index), whatever the sharding.
+
+Image folders (``images/<folder>/<image index>-<seed>.<ext>``) map prompt ids injectively, and safely on
+case-insensitive filesystems (macOS, Windows, SMB shares) and on Windows:
+
+- An id is used **as is** when it is already a *plain name*: 1 to 80 characters from the lowercase alphabet
+  ``a-z 0-9 . _ -``, starting with a letter or digit, not ending with ``.``, not a Windows device name
+  (``con``, ``prn``, ``aux``, ``nul``, ``com0``-``com9``, ``lpt0``-``lpt9``, also with an extension such as
+  ``con.txt``), and not ending with ``-`` followed by 16 hex digits (the shape of the hashed form below).
+- Every other id gets ``<prefix>-<hash>``: ``prefix`` is the id lowercased, with every character outside
+  ``a-z 0-9 _ -`` replaced by ``_``, leading ``_``/``-`` stripped, cut to 80 characters (``id`` when nothing is
+  left); ``hash`` is the first 16 hex digits of the sha256 of the **exact** id (UTF-8). Upper-case ids
+  (``Case``), ids with ``/``, spaces, non-ASCII, device names and over-long ids all take this form.
+
+Why it is injective: every folder name is lowercase, so names equal under case folding are equal. Two plain
+names are equal only for equal ids. A plain name never ends with ``-`` + 16 hex digits and a hashed name
+always does, so the two forms never meet. Two hashed names are equal only if the sha256 prefixes of two
+different ids are (a 64-bit collision); :func:`folder_collision` lets the prompt reader reject even that
+before anything is spent, naming both ids.
+
+Ordinary lowercase ids (``p001``, ``row00000012-1a2b3c4d``, ``cat-42``) keep their folder. Ids with upper-case
+letters map to a hashed folder (they kept their own name before): images stored earlier stay where they are and
+are still found on resume (resume follows each image's recorded ``file_name``), new ones go to the new folder.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +30,15 @@ import re
 
 from imagegen_provider.wire.request import MAX_SEED
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_ID_CHARS = 80
+_HASH_CHARS = 16
+_PLAIN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_HASHED_SHAPE = re.compile(rf"-[0-9a-f]{{{_HASH_CHARS}}}$")
+_NOT_PREFIX = re.compile(r"[^a-z0-9_-]+")
+#: Names Windows reserves for devices, whatever the extension (``con.txt`` opens the console).
+WINDOWS_DEVICE_NAMES = frozenset(
+    {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+)
 
 
 def derive_seed(base_seed: int, prompt_id: str, image_index: int) -> int:
@@ -19,22 +49,46 @@ def derive_seed(base_seed: int, prompt_id: str, image_index: int) -> int:
 
 
 def row_seed(seed: int, image_index: int) -> int:
-    """Seed of image ``image_index`` of a row whose table sets ``seed``: the first image uses it as is."""
-    return (seed + image_index) % (MAX_SEED + 1)
+    """Seed of image ``image_index`` of a row whose table sets ``seed``: ``seed + image_index``, never wrapped
+    (the plan rejects a row whose seeds leave ``[0, MAX_SEED]``)."""
+    return seed + image_index
+
+
+def is_plain_name(prompt_id: str) -> bool:
+    """Whether ``prompt_id`` is its own folder name (see the module docstring)."""
+    return (
+        0 < len(prompt_id) <= _MAX_ID_CHARS
+        and _PLAIN.fullmatch(prompt_id) is not None
+        and not prompt_id.endswith(".")
+        and prompt_id.split(".", 1)[0] not in WINDOWS_DEVICE_NAMES
+        and _HASHED_SHAPE.search(prompt_id) is None
+    )
+
+
+def _id_hash(prompt_id: str) -> str:
+    return hashlib.sha256(prompt_id.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_CHARS]
 
 
 def safe_id(prompt_id: str) -> str:
-    """A path segment for ``prompt_id`` that cannot escape the output folder.
-
-    Ids that are already safe stay as they are (readable paths); others (``../x``, ``/etc``, control
-    characters, very long ids) are cleaned and suffixed with a hash of the original, so two different ids
-    never share a folder.
-    """
-    cleaned = _SAFE.sub("_", prompt_id).strip("._")
-    if cleaned == prompt_id and 0 < len(prompt_id) <= _MAX_ID_CHARS:
+    """The folder of ``prompt_id``: one path segment, injective over ids even under case folding."""
+    if is_plain_name(prompt_id):
         return prompt_id
-    digest = hashlib.sha256(prompt_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{cleaned[:_MAX_ID_CHARS]}-{digest}" if cleaned else f"id-{digest}"
+    prefix = _NOT_PREFIX.sub("_", prompt_id.lower()).lstrip("_-")[:_MAX_ID_CHARS]
+    return f"{prefix or 'id'}-{_id_hash(prompt_id)}"
+
+
+def folder_collision(seen: dict[str, str], prompt_id: str) -> str | None:
+    """Record ``prompt_id``'s folder in ``seen`` (folder -> id); return the id already holding that folder
+    (``prompt_id`` itself for a repeated id), or ``None`` when the folder was free.
+
+    Folder names are compared as a case-insensitive filesystem compares them; they are lowercase ASCII by
+    construction, so case folding is the identity (and a plain id is its own key: no second copy in memory).
+    """
+    folder = safe_id(prompt_id)
+    holder = seen.get(folder)
+    if holder is None:
+        seen[folder] = prompt_id
+    return holder
 
 
 def image_file_name(prompt_id: str, image_index: int, seed: int, extension: str) -> str:

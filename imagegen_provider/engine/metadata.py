@@ -4,13 +4,19 @@ Every finished image (succeeded or failed) is first written as a small JSON jour
 ``metadata/_journal/<writer>/`` so that a crash loses at most the rows still in flight; rows are then
 gathered into Parquet part files (``metadata/part-*.parquet``) and their journal entries removed. Readers
 (pandas, DuckDB, pyarrow) ignore the ``_journal`` folder, as they ignore every ``_``-prefixed path.
+
+Each attempt appears in ``metadata/*.parquet`` exactly once, whatever instant a process is killed at: a part
+records in its footer which journal entries it folds (and is named after them), so entries left behind by a
+kill between writing a part and deleting them are recognised as folded and deleted, never folded again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -38,17 +44,62 @@ def _to_json(row: dict[str, Any]) -> bytes:
 
 
 def _from_json(data: bytes) -> dict[str, Any]:
-    row = json.loads(data)
+    row: dict[str, Any] = json.loads(data)
     for key in _TIMESTAMPS:
         if isinstance(row.get(key), str):
             row[key] = datetime.fromisoformat(row[key])
     return row
 
 
-def write_part(location: StorageLocation, table: pa.Table, label: str) -> str:
+#: Parquet footer key of a part: the journal entries it folds (see :func:`encode_entries`).
+JOURNAL_KEY = b"imagegen.journal_entries"
+_ENTRY = re.compile(r"(?P<stem>.+)-(?P<seq>\d{8})\.json$")
+
+
+def encode_entries(entries: Iterable[str]) -> bytes:
+    """Journal entry paths as ``{"<writer>/<token>": [[first, last], ...]}``: a sink numbers its entries
+    ``<token>-<seq>``, so a part folding a thousand entries records a few runs, not a thousand names."""
+    runs: dict[str, list[list[int]]] = {}
+    for entry in sorted(entries):
+        match = _ENTRY.search(entry.removeprefix(JOURNAL_DIR + "/"))
+        if match is None:
+            raise ValueError(f"not a journal entry: {entry!r}")
+        seqs = runs.setdefault(match["stem"], [])
+        seq = int(match["seq"])
+        if seqs and seqs[-1][1] == seq - 1:
+            seqs[-1][1] = seq
+        else:
+            seqs.append([seq, seq])
+    return json.dumps(runs, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_entries(data: bytes) -> set[str]:
+    """The journal entry paths that :func:`encode_entries` encoded."""
+    return {
+        f"{JOURNAL_DIR}/{stem}-{seq:08d}.json"
+        for stem, seqs in json.loads(data).items()
+        for first, last in seqs
+        for seq in range(first, last + 1)
+    }
+
+
+def write_part(location: StorageLocation, table: pa.Table, label: str, entries: Iterable[str] = ()) -> str:
+    """Write ``table`` as a part; ``entries`` are the journal entries it folds.
+
+    Exactly once: the part records ``entries`` in its footer and is named after them, so a process killed after
+    the part is published but before the entries are deleted can never make their rows appear twice — a rerun
+    (:func:`recover_journal`) finds them folded and only deletes them, and folding the same entries again would
+    replace the part, not add one.
+    """
+    entries = sorted(entries)
+    if entries:
+        name = hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), JOURNAL_KEY: encode_entries(entries)})
+    else:
+        name = uuid.uuid4().hex[:16]
+    relative = f"{METADATA_DIR}/part-{label}-{name}.parquet"
     # Atomic: a process killed while writing a part must not leave a truncated Parquet file behind, which
     # every later read of the metadata (resume, finalize, pandas, DuckDB) would fail on.
-    relative = f"{METADATA_DIR}/part-{label}-{uuid.uuid4().hex[:12]}.parquet"
     with location.open_atomic(relative) as handle:
         pq.write_table(table, handle, compression="zstd")
     return relative
@@ -109,8 +160,9 @@ class MetadataSink:
             await asyncio.to_thread(self._write, rows, journal)
 
     def _write(self, rows: list[dict[str, Any]], journal: list[str]) -> None:
-        self.parts_written.append(write_part(self.location, rows_to_table(rows), self.writer))
-        # The part is durable: the journal entries are now redundant.
+        self.parts_written.append(write_part(self.location, rows_to_table(rows), self.writer, journal))
+        # The part is durable and names these entries: they are now redundant (a kill before or during this
+        # removal leaves entries that the next recovery finds folded and only deletes).
         self.location.remove(journal)
         # Arrow's allocator (mimalloc) keeps freed pages for reuse; a long run writes hundreds of parts and
         # its resident memory would grow with the table instead of staying flat (bench: memory case).
@@ -121,44 +173,106 @@ class MetadataSink:
         return recover_journal(self.location, self.journal_dir)
 
 
-def recover_journal(location: StorageLocation, journal_dir: str = JOURNAL_DIR) -> int:
-    """Move every journal entry under ``journal_dir`` into one part file (and drop temporary files that a
-    killed writer left half-written: they never became entries)."""
+def _parts(location: StorageLocation) -> list[str]:
+    return [
+        part
+        for part in location.list_files(METADATA_DIR, suffix=".parquet")
+        if not is_temp_file(part) and "/_" not in f"/{part}"
+    ]
+
+
+def folded_entries(location: StorageLocation, parts: Iterable[str] | None = None) -> set[str]:
+    """Journal entries already folded into a part (read from the parts' footers only)."""
+    folded: set[str] = set()
+    for part in _parts(location) if parts is None else parts:
+        with location.open(part) as handle:
+            metadata = pq.read_schema(handle).metadata or {}
+        if JOURNAL_KEY in metadata:
+            folded |= decode_entries(metadata[JOURNAL_KEY])
+    return folded
+
+
+def _journal_entries(location: StorageLocation, journal_dir: str, *, clean: bool) -> dict[str, list[str]]:
+    """Entries under ``journal_dir`` by writer; ``clean`` drops temporary files that a killed writer left
+    half-written (they never became entries; a live writer's would be in use, so only for dead writers)."""
     found = location.list_files(journal_dir)
-    entries = [e for e in found if e.endswith(".json") and not is_temp_file(e)]
     stale = [e for e in found if is_temp_file(e)]
-    if stale:
+    if stale and clean:
         location.remove(stale)
-    if not entries:
+    by_writer: dict[str, list[str]] = {}
+    for entry in found:
+        if entry.endswith(".json") and not is_temp_file(entry):
+            writer = entry.removeprefix(JOURNAL_DIR + "/").rsplit("/", 1)[0]
+            by_writer.setdefault(writer, []).append(entry)
+    return by_writer
+
+
+def journal_writers(location: StorageLocation) -> list[str]:
+    """Writers (shard labels) with journal entries not yet folded into a part."""
+    return sorted(_journal_entries(location, JOURNAL_DIR, clean=False))
+
+
+def recover_journal(location: StorageLocation, journal_dir: str = JOURNAL_DIR) -> int:
+    """Fold every journal entry under ``journal_dir`` into a part per writer, exactly once: entries some
+    part already folds (a writer killed between publishing the part and deleting them) are only deleted.
+    Returns the rows newly folded."""
+    by_writer = _journal_entries(location, journal_dir, clean=True)
+    if not by_writer:
         return 0
-    rows = [_from_json(location.read_bytes(entry)) for entry in entries]
-    write_part(location, rows_to_table(rows), "recovered")
-    location.remove(entries)
-    log.info("Recovered %d metadata rows from the journal of an interrupted run", len(rows))
-    return len(rows)
+    folded = folded_entries(location)
+    recovered = 0
+    for writer, entries in sorted(by_writer.items()):
+        done = [e for e in entries if e in folded]
+        pending = [e for e in entries if e not in folded]
+        if pending:
+            rows = [_from_json(location.read_bytes(entry)) for entry in pending]
+            write_part(location, rows_to_table(rows), writer.replace("/", "_"), pending)
+            recovered += len(rows)
+        location.remove(done + pending)
+    if recovered:
+        log.info("Recovered %d metadata rows from the journal of an interrupted run", recovered)
+    return recovered
+
+
+def _read_journal(location: StorageLocation) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for entry in location.list_files(JOURNAL_DIR, suffix=".json"):
+        if is_temp_file(entry):
+            continue
+        try:
+            rows[entry] = _from_json(location.read_bytes(entry))
+        except FileNotFoundError:
+            continue  # folded and deleted since the listing: the part holding it is listed below
+    return rows
 
 
 def read_metadata(location: StorageLocation, columns: Iterable[str] | None = None) -> pa.Table:
-    """Every metadata row on record: all parts plus journal entries not yet gathered into a part."""
+    """Every metadata row on record, each once: all parts plus journal entries not yet folded into a part.
+
+    The journal is listed before the parts, so an entry folded meanwhile is found in its part (and dropped
+    from the journal's rows), never missed.
+    """
     wanted = list(columns) if columns is not None else list(COLUMNS)
     schema = pa.schema([METADATA_SCHEMA.field(name) for name in wanted])
+    journal = _read_journal(location)
+    parts = _parts(location)
     tables = []
-    for part in location.list_files(METADATA_DIR, suffix=".parquet"):
-        if is_temp_file(part) or "/_" in f"/{part}":
-            continue
+    for part in parts:
         with location.open(part) as handle:
             tables.append(pq.read_table(handle, columns=wanted, schema=METADATA_SCHEMA).cast(schema))
-    journal = [_from_json(location.read_bytes(e)) for e in location.list_files(JOURNAL_DIR, suffix=".json")]
     if journal:
-        tables.append(rows_to_table(journal).select(wanted))
+        folded = folded_entries(location, parts)
+        pending = [row for entry, row in journal.items() if entry not in folded]
+        if pending:
+            tables.append(rows_to_table(pending).select(wanted))
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
 
 
-def current_rows(table: pa.Table) -> pd.DataFrame:
+def current_rows(table: pa.Table | pd.DataFrame) -> pd.DataFrame:
     """One row per (prompt_id, image_index): the latest finished, a success winning a tie."""
-    frame = table.to_pandas()
+    frame = table.to_pandas() if isinstance(table, pa.Table) else table.copy()
     if frame.empty:
         return frame
     frame["_ok"] = frame["status"] == STATUS_SUCCEEDED

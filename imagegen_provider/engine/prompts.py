@@ -10,10 +10,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imagegen_provider.engine.keys import positional_id
+from imagegen_provider.engine.keys import folder_collision, positional_id, safe_id
 from imagegen_provider.engine.storage import StorageLocation
+from imagegen_provider.wire.request import MAX_SEED
 
 BATCH_ROWS = 1024
+_INT64_MAX = 2**63 - 1
 
 
 class PromptTableError(ValueError):
@@ -24,15 +26,15 @@ def _is_string(t: pa.DataType) -> bool:
     # Dictionary-encoded strings are what pandas writes for a categorical column (a "model" column, say).
     if pa.types.is_dictionary(t):
         return _is_string(t.value_type)
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
 
 
 def _is_int(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t)
+    return bool(pa.types.is_integer(t))
 
 
 def _is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
 
 
 # Columns that override a request parameter per row, and the Arrow types they accept. ``n`` is the number
@@ -108,7 +110,7 @@ class PromptTable:
 
     @property
     def num_rows(self) -> int:
-        return self._file.metadata.num_rows
+        return int(self._file.metadata.num_rows)
 
     @property
     def row_group_bounds(self) -> list[int]:
@@ -162,19 +164,39 @@ class PromptTable:
                 )
 
     def check_unique_ids(self, start: int = 0, stop: int | None = None) -> None:
-        """Fail on null or duplicate ids in ``[start, stop)``, reading only the id column."""
+        """Fail on null or duplicate ids in ``[start, stop)``, and on two ids whose image folders would be the
+        same (case folded, see :mod:`~imagegen_provider.engine.keys`), reading only the id column (and an
+        unsigned ``seed`` column, see :meth:`_check_seed_width`)."""
+        self._check_seed_width(start, stop)
         if not self.has_id_column:
             return
-        seen: set[str] = set()
+        folders: dict[str, str] = {}
         for position, value in self._iter_column(self.columns.id, start, stop):
             if value is None:
                 raise PromptTableError(f"{self.description}: row {position}: id column {self.columns.id!r} is null")
             key = str(value)
-            if key in seen:
+            holder = folder_collision(folders, key)
+            if holder == key:
                 raise PromptTableError(
                     f"{self.description}: row {position}: duplicate id {key!r} in column {self.columns.id!r}"
                 )
-            seen.add(key)
+            if holder is not None:
+                raise PromptTableError(
+                    f"{self.description}: row {position}: ids {holder!r} and {key!r} would share the image folder "
+                    f"images/{safe_id(key)}/ (column {self.columns.id!r}); rename one of them"
+                )
+
+    def _check_seed_width(self, start: int, stop: int | None) -> None:
+        """An unsigned 64-bit ``seed`` column can hold values the metadata's int64 ``seed`` column cannot record
+        (an out-of-range seed fails its row, and the row must still be recordable): reject those up front."""
+        if "seed" not in self.override_columns or self.schema.field("seed").type != pa.uint64():
+            return
+        for position, value in self._iter_column("seed", start, stop):
+            if value is not None and value > _INT64_MAX:
+                raise PromptTableError(
+                    f"{self.description}: row {position}: seed {value} does not fit a signed 64-bit integer "
+                    f"(seeds are 0..{MAX_SEED})"
+                )
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -187,7 +209,7 @@ class PromptTable:
         bounds = self.row_group_bounds
         first = max(0, bisect.bisect_right(bounds, start) - 1)
         for group in range(first, len(bounds) - 1):
-            group_start, group_end = bounds[group], bounds[group + 1]
+            group_start = bounds[group]
             if group_start >= stop:
                 break
             position = group_start

@@ -7,7 +7,7 @@ one run and succeeded on the next may have been paid twice, and both payments be
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -52,7 +52,7 @@ def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any]
         .reset_index()
     )
     report["cost_usd"] = report["cost_usd"].round(6)
-    return report[columns]
+    return cast(pd.DataFrame, report[columns])
 
 
 def plot_cost_report(report: pd.DataFrame, path: str) -> str:
@@ -69,7 +69,7 @@ def plot_cost_report(report: pd.DataFrame, path: str) -> str:
     else:
         labels = [f"{r.day}\n{r.model}\n{r.provider}\n{r.dag_id}" for r in report.itertuples()]
         bars = ax.bar(range(len(report)), report["cost_usd"], color="#7b5ea7")
-        for bar, row in zip(bars, report.itertuples()):
+        for bar, row in zip(bars, report.itertuples(), strict=True):
             ax.annotate(
                 f"{row.images_succeeded} ok / {row.images_failed} failed",
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),

@@ -96,7 +96,7 @@ async def test_journal_of_an_interrupted_run_is_folded_in_and_trusted(tmp_path, 
     before = _requests(gateway)
     summary = await run_batch(gateway, prompts=path, output=str(output))
     assert (summary.skipped_existing, _requests(gateway)) == (5, before)
-    assert [p for p in all_files(output / "metadata" / "_journal")] == []
+    assert all_files(output / "metadata" / "_journal") == []
     assert len(pd.read_parquet(output / "metadata")) == 5
 
 
@@ -105,8 +105,8 @@ async def test_journal_of_an_interrupted_run_is_folded_in_and_trusted(tmp_path, 
 
 def _row(pid: str) -> dict:
     now = datetime.now(UTC)
-    return {"run_id": "r", "prompt_id": pid, "image_index": 0, "status": "succeeded", "file_name": f"images/{pid}/0-1.png",
-            "cost_usd": 0.01, "started_at": now, "finished_at": now}
+    return {"run_id": "r", "prompt_id": pid, "image_index": 0, "status": "succeeded",
+            "file_name": f"images/{pid}/0-1.png", "cost_usd": 0.01, "started_at": now, "finished_at": now}
 
 
 async def test_journal_entry_interrupted_mid_write_leaves_nothing_to_trip_over(tmp_path, monkeypatch):

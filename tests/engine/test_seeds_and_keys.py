@@ -40,12 +40,13 @@ def test_derived_seed_is_stable_in_range_and_depends_on_every_input():
     assert seed == derive_seed(7, "p1", 0)
     assert 0 <= seed <= MAX_SEED
     assert len({seed, derive_seed(8, "p1", 0), derive_seed(7, "p2", 0), derive_seed(7, "p1", 1)}) == 4
-    assert row_seed(MAX_SEED, 1) == 0  # a row's own seed wraps instead of overflowing
+    assert row_seed(MAX_SEED, 1) == MAX_SEED + 1  # never wrapped: the plan fails the image instead
 
 
 def _seeds(output) -> dict[tuple[str, int], int]:
     frame = history(output)
-    return {(p, int(i)): int(s) for p, i, s in zip(frame["prompt_id"], frame["image_index"], frame["seed"])}
+    keys = zip(frame["prompt_id"], frame["image_index"], frame["seed"], strict=True)
+    return {(p, int(i)): int(s) for p, i, s in keys}
 
 
 async def test_seeds_do_not_depend_on_concurrency_or_shard_layout(tmp_path, gateway):
@@ -100,7 +101,7 @@ async def test_seed_goes_on_the_wire_only_where_the_dialect_takes_it(tmp_path, g
     assert summary.succeeded == 3
     bodies = {body["prompt"]: body for body in gateway.stats()["last_request_bodies"]}
     recorded = current(tmp_path / "out")
-    for pid, text in zip(ids, texts):
+    for pid, text in zip(ids, texts, strict=True):
         body = bodies[text]
         sent = body.get("seed") if where == "top" else body.get("additional_params", {}).get("seed")
         assert recorded.loc[(pid, 0), "seed"] == derive_seed(5, pid, 0)

@@ -44,7 +44,9 @@ def _covers(shards: list[dict], rows: int) -> bool:
     ("rows", "shard_size", "max_shards", "expected"),
     [(10, 3, 1024, 4), (10, 3, 2, 2), (10, 10, 5, 1), (10, 100, 5, 1), (1000, 7, 10, 10), (1, 1, 1, 1), (0, 5, 5, 0)],
 )
-def test_plan_reads_the_footer_only_and_covers_every_row_once(tmp_path, footer_only, rows, shard_size, max_shards, expected):
+def test_plan_reads_the_footer_only_and_covers_every_row_once(
+    tmp_path, footer_only, rows, shard_size, max_shards, expected
+):
     schema = pa.schema([("prompt", pa.string())])
     path = write_prompts(tmp_path / "p.parquet", [f"p{i}" for i in range(rows)], row_group_size=3, schema=schema)
     shards = plan_shards(path, shard_size=shard_size, max_shards=max_shards)
@@ -69,7 +71,7 @@ def test_plan_rejects_bad_arguments_and_bad_tables(tmp_path):
 
 def _keys(output) -> dict[tuple[str, int], tuple[int, str]]:
     rows = current(output)
-    return {k: (int(s), f) for k, s, f in zip(rows.index, rows["seed"], rows["file_name"])}
+    return {k: (int(s), f) for k, s, f in zip(rows.index, rows["seed"], rows["file_name"], strict=True)}
 
 
 async def _run_shards(gateway, shards, **config) -> list:
@@ -94,7 +96,8 @@ async def test_shards_into_one_output_finalize_into_one_dataset(tmp_path, gatewa
     assert (report.expected_images, report.succeeded, report.failed, report.missing) == (22, 14, 2, 6)
     assert not report.complete
     summary = json.loads((output / SUMMARY_FILE).read_text())
-    assert sorted(map(tuple, summary["failed_images"])) == [("q04", 0, "ContentPolicyError"), ("q04", 1, "ContentPolicyError")]
+    refused = [("q04", 0, "ContentPolicyError"), ("q04", 1, "ContentPolicyError")]
+    assert sorted(map(tuple, summary["failed_images"])) == refused
     assert sorted(map(tuple, summary["missing_images"])) == sorted(
         (pid, i) for pid in ["q08", "q09", "猫"] for i in range(2)
     )
