@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from imagegen_gateway import GatewayConfig
 from imagegen_provider.engine import BatchRunner, PriceTable, RunConfig, finalize_output
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.report import GROUP_COLUMNS, build_cost_report, plot_cost_report
-from imagegen_gateway import GatewayConfig
 from imagegen_provider.wire.result import Usage
 
 from ._support import SMALL, SMALL_PRICE, current, history, numbered, run_batch, write_prompts
@@ -59,12 +59,18 @@ def test_price_overrides_merge_into_the_packaged_table():
 async def test_reported_cost_wins(tmp_path, gateway):
     ids, texts = numbered(2)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
-    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"), dialect="indoxhub")
+    # A model with no list price in the engine's table: only the gateway's reported figure can give a cost.
+    defaults = {"model": "acme/unlisted-image-model"}
+    assert PriceTable.load().estimate(model=defaults["model"], size=None, quality=None, prompt_chars=10) is None
+    summary = await run_batch(
+        gateway, prompts=path, output=str(tmp_path / "out"), dialect="indoxhub", request_defaults=defaults
+    )
     rows = current(tmp_path / "out")
-    # The gateway reports $0.02 for dall-e-2 at any size; the list price of 256x256 is $0.016.
     assert set(rows["cost_source"]) == {"reported"}
-    assert list(rows["cost_usd"]) == [0.02, 0.02]
-    assert summary.cost_usd == pytest.approx(0.04) == gateway.stats()["spent_usd"]
+    charged = gateway.stats()["spent_usd"]
+    assert charged > 0
+    assert list(rows["cost_usd"]) == [pytest.approx(charged / 2)] * 2
+    assert summary.cost_usd == pytest.approx(charged)
 
 
 async def test_token_priced_model_cost_from_usage(tmp_path, gateway):
@@ -220,7 +226,7 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     b = report[report["dag_id"] == "dag_b"].set_index("provider")
     # The gateway names the provider of a generated image; the refused one never got that far.
     assert sorted(b.index) == ["openai", "unknown"]
-    assert (b.loc["openai", "images_succeeded"], b.loc["openai", "cost_usd"]) == (1, 0.02)
+    assert (b.loc["openai", "images_succeeded"], b.loc["openai", "cost_usd"]) == (1, pytest.approx(SMALL_PRICE))
     assert (b.loc["unknown", "images_failed"], b.loc["unknown", "cost_usd"]) == (1, 0.0)
     histories = pd.concat([history(first), history(second)])
     assert report["cost_usd"].sum() == pytest.approx(histories["cost_usd"].sum())
