@@ -24,6 +24,7 @@ import base64
 import functools
 import hmac
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -80,6 +81,9 @@ MODEL_ROUTES = {"/v1/models": "openai", "/api/v1/models": "indoxhub", "/router/v
 REQUEST_ID = "imagegen.request_id"
 # Images at least this big are rendered in a worker thread so the event loop keeps serving.
 THREAD_RENDER_PIXELS = 512 * 512
+
+#: Nonces stay below 2**31: the seed range every documented gateway accepts, so it can be replayed anywhere.
+UNSEEDED_NONCES = 2**31
 
 CONTENT_POLICY_MESSAGE = "Your request was rejected as a result of our safety system."
 
@@ -372,6 +376,15 @@ def _invalid(request: Request, dialect: str, exc: InvalidRequest) -> Response:
                           request_id=request.scope[REQUEST_ID])
 
 
+def _seeded(gateway: GatewayState, params: GenParams) -> GenParams:
+    """A request without a seed gets a per-request nonce (the images of one request differ by their index, and
+    repeated requests differ as a real model's do), unless the gateway repeats unseeded images for benchmarks
+    (then the seed derived from the prompt stays)."""
+    if params.seed_given or gateway.config.repeat_unseeded:
+        return params
+    return replace(params, seed=secrets.randbelow(UNSEEDED_NONCES))
+
+
 def _policy_refusal(request: Request, params: GenParams) -> Refusal:
     """Stage 3: a prompt containing the configured trigger word is refused as a content-policy violation."""
     gateway = _gateway(request)
@@ -482,6 +495,7 @@ async def _serve(request: Request, dialect: str, read: Reader) -> Response:
     params = await read(request, dialect)
     if isinstance(params, Response):
         return params
+    params = _seeded(gateway, params)
     headers: dict[str, str] = {}
     refused = _policy_refusal(request, params) or _rate_limit(request, params, headers)
     if refused is not None:

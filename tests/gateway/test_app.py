@@ -233,6 +233,26 @@ async def _b64_images(client: httpx.AsyncClient, path: str, body: dict) -> list[
     return [image.data for image in parse(await client.post(path, json=body)).images]
 
 
+async def test_unseeded_requests_get_a_fresh_31_bit_nonce() -> None:
+    body = {"model": "dall-e-3", "prompt": "a quiet lake", "response_format": "b64_json"}
+    async with gateway() as client:
+        seeds = set()
+        for _ in range(3):
+            revised = parse(await client.post(OPENAI, json=body)).images[0].revised_prompt
+            assert revised is not None
+            seeds.add(int(re.search(r"seed (\d+)", revised).group(1)))  # type: ignore[union-attr]
+        assert len(seeds) == 3 and all(0 <= seed < 2**31 for seed in seeds)
+
+
+async def test_repeat_unseeded_derives_the_seed_from_the_prompt() -> None:
+    body = {"model": "dall-e-2", "prompt": "a quiet lake", "size": "256x256", "response_format": "b64_json"}
+    async with gateway(repeat_unseeded=True) as first, gateway(repeat_unseeded=True) as second:
+        assert await _b64_images(first, OPENAI, body) == await _b64_images(second, OPENAI, body)
+        assert (await stats(first))["render_cache"] == {"hits": 0, "misses": 1}
+        await _b64_images(first, OPENAI, body)
+        assert (await stats(first))["render_cache"]["hits"] == 1
+
+
 async def test_same_params_same_bytes_other_seed_other_bytes() -> None:
     body = {"model": "gpt-image-1", "prompt": "a quiet lake", "seed": 11, "size": "1024x1024", "n": 2}
     async with gateway() as first, gateway() as second:
@@ -240,9 +260,9 @@ async def test_same_params_same_bytes_other_seed_other_bytes() -> None:
         assert a == await _b64_images(second, OPENAI, body)
         assert a[0] != a[1]  # images of one request differ
         assert await _b64_images(first, OPENAI, {**body, "seed": 12}) != a
-        # No seed: derived from the prompt, so still reproducible.
+        # No seed: a fresh nonce per request, so repeated requests differ as a real model's do.
         unseeded = {k: v for k, v in body.items() if k != "seed"}
-        assert await _b64_images(first, OPENAI, unseeded) == await _b64_images(second, OPENAI, unseeded)
+        assert await _b64_images(first, OPENAI, unseeded) != await _b64_images(first, OPENAI, unseeded)
         # The same picture whichever dialect asked for it.
         router = await _b64_images(first, ROUTER, {**body, "model": "openai/gpt-image-1"})
         assert router == a
