@@ -59,12 +59,14 @@ def test_price_overrides_merge_into_the_packaged_table():
 async def test_reported_cost_wins(tmp_path, gateway):
     ids, texts = numbered(2)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
-    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"), dialect="indoxhub")
+    # The gateway charges the packaged list price ($0.016 for dall-e-2 256x256); the run's own price table
+    # says $0.5, so a $0.5 row would be an estimate winning over what the gateway reported.
+    prices = {"per_image": {"dall-e-2": {"256x256": {"*": 0.5}}}}
+    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"), dialect="indoxhub", prices=prices)
     rows = current(tmp_path / "out")
-    # The gateway reports $0.02 for dall-e-2 at any size; the list price of 256x256 is $0.016.
     assert set(rows["cost_source"]) == {"reported"}
-    assert list(rows["cost_usd"]) == [0.02, 0.02]
-    assert summary.cost_usd == pytest.approx(0.04) == gateway.stats()["spent_usd"]
+    assert list(rows["cost_usd"]) == [0.016, 0.016]
+    assert summary.cost_usd == pytest.approx(0.032) == gateway.stats()["spent_usd"]
 
 
 async def test_token_priced_model_cost_from_usage(tmp_path, gateway):
@@ -220,7 +222,7 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     b = report[report["dag_id"] == "dag_b"].set_index("provider")
     # The gateway names the provider of a generated image; the refused one never got that far.
     assert sorted(b.index) == ["openai", "unknown"]
-    assert (b.loc["openai", "images_succeeded"], b.loc["openai", "cost_usd"]) == (1, 0.02)
+    assert (b.loc["openai", "images_succeeded"], b.loc["openai", "cost_usd"]) == (1, SMALL_PRICE)
     assert (b.loc["unknown", "images_failed"], b.loc["unknown", "cost_usd"]) == (1, 0.0)
     histories = pd.concat([history(first), history(second)])
     assert report["cost_usd"].sum() == pytest.approx(histories["cost_usd"].sum())

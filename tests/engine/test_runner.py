@@ -257,8 +257,8 @@ async def test_fatal_error_stops_dispatch_and_keeps_what_was_done(tmp_path, gate
         client_key = "sk-wrong-key-0000000000000000"
         paid = 0
     else:
-        # dall-e-2 costs the gateway $0.02: two images fit the balance, the third gets 402.
-        gateway = gateway_factory(GatewayConfig(balance_usd=0.05, latency=(0.1, 0.1)))
+        # dall-e-2 256x256 costs $0.016 (prices.json, read by the gateway too): two images fit, the third gets 402.
+        gateway = gateway_factory(GatewayConfig(balance_usd=0.04, latency=(0.1, 0.1)))
         client_key = CONNECTION_KEY
         paid = 2
     ids, texts = numbered(24)
