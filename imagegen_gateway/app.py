@@ -1,8 +1,11 @@
-"""The gateway's ASGI app: three generation dialects, URL images, models, and a stats side door.
+"""The gateway's ASGI app: three generation dialects, OpenAI's edits and variations, URL images, models, and
+a stats side door.
 
-Order of a generation request, chosen to match how real gateways behave and to keep tests predictable:
+Order of every image request (generation, edit, variation), chosen to match how real gateways behave and to
+keep tests predictable; each step is a named stage of :func:`_serve`:
 
-1. auth (401) → 2. body + generic validation (400) → 3. content policy (400) → 4. rate limit (429,
+1. auth (401) → 2. body and rules (400: OpenAI's documented rules on ``/v1`` for OpenAI's models, generic
+   checks otherwise; uploads for edits and variations) → 3. content policy (400) → 4. rate limit (429,
    immediate, before any latency) → 5. balance (402) → 6. fault draw; the request is charged now unless a
    fault other than a dropped connection fires → 7. latency → 8. fault response or images.
 
