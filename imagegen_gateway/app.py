@@ -358,6 +358,8 @@ async def _read_form(request: Request, dialect: str, operation: Operation) -> Ge
         raise InvalidRequest(f"Could not read the multipart body: {exc}", None, "invalid_multipart") from None
     fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
     uploads = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    if sum(upload.size or 0 for _, upload in uploads) > MAX_UPLOAD_BYTES:  # a chunked body declares no length
+        raise InvalidRequest(f"The upload is larger than {MAX_UPLOAD_BYTES // MB} MB.", "image", "upload_too_large")
     gateway = _gateway(request)
     gateway.stats.record_body(request.url.path, {**fields, "files": [key for key, _ in uploads]})
     params = parse_request(dialect, fields, default_response_format=gateway.config.default_response_format,
