@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw, ImageFont
@@ -42,7 +43,7 @@ def test_same_spec_same_bytes() -> None:
         {"index": 1},
     ],
 )
-def test_any_picture_parameter_changes_the_image(change: dict) -> None:
+def test_any_picture_parameter_changes_the_image(change: dict[str, Any]) -> None:
     assert render(replace(BASE, **change)) != render(BASE)
 
 
@@ -54,7 +55,7 @@ def test_pattern_is_not_flat() -> None:
 def test_transparent_background_has_an_alpha_channel() -> None:
     image = _open(render(replace(BASE, background="transparent")))
     assert image.mode == "RGBA"
-    alphas = {pixel[3] for pixel in image.getdata()}
+    alphas = {pixel[3] for pixel in image.getdata()}  # type: ignore[attr-defined]
     assert alphas == {0, 255}
     # JPEG cannot carry alpha: the request is served opaque rather than failing.
     assert _open(render(replace(BASE, background="transparent", output_format="jpeg"))).mode == "RGB"
@@ -103,7 +104,7 @@ def test_large_images_render_quickly() -> None:
     assert _open(data).size == (1024, 1024)
 
 
-def test_photo_detail_has_the_size_of_real_model_output_and_stays_deterministic():
+def test_photo_detail_has_the_size_of_real_model_output_and_stays_deterministic() -> None:
     spec = RenderSpec(prompt="a lighthouse", seed=7, model="gpt-image-1", width=1024, height=1024)
     photo = render(spec, "photo")
     assert 1_000_000 < len(photo) < 4_000_000  # real gpt-image-1 1024x1024 PNGs are 1-3 MB
