@@ -148,8 +148,13 @@ def _draw_caption(image: Image.Image, spec: RenderSpec) -> None:
     for row, line in enumerate(lines):
         draw.text((2, 2 + row * _LINE_HEIGHT), line, fill=255, font=_font())
     mask = mask.resize((width * scale, height * scale), Image.Resampling.NEAREST)
-    origin = (max(0, image.width // 20), max(0, image.height // 20))
-    box = (*origin, min(image.width, origin[0] + mask.width), min(image.height, origin[1] + mask.height))
+    # The margin (1/20 of a side) is wider than the transparent frame of a transparent image (1/32 of a side):
+    # the caption never touches it, whatever the prompt.
+    margin_x, margin_y = max(1, image.width // 20), max(1, image.height // 20)
+    box = (margin_x, margin_y, min(image.width - margin_x, margin_x + mask.width),
+           min(image.height - margin_y, margin_y + mask.height))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return
     region = image.crop(box)
     shade = Image.new(region.mode, region.size, (0, 0, 0, 255) if region.mode == "RGBA" else (0, 0, 0))
     image.paste(Image.blend(region, shade, 0.6), box)

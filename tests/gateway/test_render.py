@@ -152,3 +152,14 @@ def test_caption_wraps_and_cuts_long_prompts_and_survives_any_script() -> None:
     assert all(len(line) <= 20 for line in lines)
     assert caption_lines(replace(BASE, prompt="東京 at night"), 30)[0] == "?? at night"
     assert _open(render(replace(BASE, prompt="東京 🎉", width=512, height=512))).size == (512, 512)
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (1536, 1024), (40, 30), (16, 16)])
+def test_caption_never_covers_the_transparent_frame(size: tuple[int, int]) -> None:
+    spec = replace(BASE, prompt="w" * 500, background="transparent", width=size[0], height=size[1])
+    image = _open(render(spec))
+    alpha = image.getchannel("A")
+    width, height = image.size
+    frame = max(1, width // 32)
+    assert {alpha.getpixel((width - 1 - dx, y)) for dx in range(frame) for y in range(height)} == {0}
+    assert {alpha.getpixel((x, height - 1)) for x in range(width)} == {0}
