@@ -1,8 +1,11 @@
-"""The gateway's ASGI app: three generation dialects, URL images, models, and a stats side door.
+"""The gateway's ASGI app: three generation dialects, OpenAI's edits and variations, URL images, models, and
+a stats side door.
 
-Order of a generation request, chosen to match how real gateways behave and to keep tests predictable:
+Order of every image request (generation, edit, variation), chosen to match how real gateways behave and to
+keep tests predictable; each step is a named stage of :func:`_serve`:
 
-1. auth (401) → 2. body + generic validation (400) → 3. content policy (400) → 4. rate limit (429,
+1. auth (401) → 2. body and rules (400: OpenAI's documented rules on ``/v1`` for OpenAI's models, generic
+   checks otherwise; uploads for edits and variations) → 3. content policy (400) → 4. rate limit (429,
    immediate, before any latency) → 5. balance (402) → 6. fault draw; the request is charged now unless a
    fault other than a dropped connection fires → 7. latency → 8. fault response or images.
 
@@ -24,6 +27,7 @@ import base64
 import functools
 import hmac
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -80,6 +84,9 @@ MODEL_ROUTES = {"/v1/models": "openai", "/api/v1/models": "indoxhub", "/router/v
 REQUEST_ID = "imagegen.request_id"
 # Images at least this big are rendered in a worker thread so the event loop keeps serving.
 THREAD_RENDER_PIXELS = 512 * 512
+
+#: Nonces stay below 2**31: the seed range every documented gateway accepts, so it can be replayed anywhere.
+UNSEEDED_NONCES = 2**31
 
 CONTENT_POLICY_MESSAGE = "Your request was rejected as a result of our safety system."
 
@@ -351,6 +358,8 @@ async def _read_form(request: Request, dialect: str, operation: Operation) -> Ge
         raise InvalidRequest(f"Could not read the multipart body: {exc}", None, "invalid_multipart") from None
     fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
     uploads = [(key, value) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    if sum(upload.size or 0 for _, upload in uploads) > MAX_UPLOAD_BYTES:  # a chunked body declares no length
+        raise InvalidRequest(f"The upload is larger than {MAX_UPLOAD_BYTES // MB} MB.", "image", "upload_too_large")
     gateway = _gateway(request)
     gateway.stats.record_body(request.url.path, {**fields, "files": [key for key, _ in uploads]})
     params = parse_request(dialect, fields, default_response_format=gateway.config.default_response_format,
@@ -370,6 +379,15 @@ def _is_image_field(key: str) -> bool:
 def _invalid(request: Request, dialect: str, exc: InvalidRequest) -> Response:
     return error_response(dialect, 400, exc.message, code=exc.code, param=exc.param,
                           request_id=request.scope[REQUEST_ID])
+
+
+def _seeded(gateway: GatewayState, params: GenParams) -> GenParams:
+    """A request without a seed gets a per-request nonce (the images of one request differ by their index, and
+    repeated requests differ as a real model's do), unless the gateway repeats unseeded images for benchmarks
+    (then the seed derived from the prompt stays)."""
+    if params.seed_given or gateway.config.repeat_unseeded:
+        return params
+    return replace(params, seed=secrets.randbelow(UNSEEDED_NONCES))
 
 
 def _policy_refusal(request: Request, params: GenParams) -> Refusal:
@@ -482,6 +500,7 @@ async def _serve(request: Request, dialect: str, read: Reader) -> Response:
     params = await read(request, dialect)
     if isinstance(params, Response):
         return params
+    params = _seeded(gateway, params)
     headers: dict[str, str] = {}
     refused = _policy_refusal(request, params) or _rate_limit(request, params, headers)
     if refused is not None:

@@ -219,6 +219,11 @@ class GatewayConfig:
         None, "Base of returned image URLs when clients reach the gateway through a proxy or another host name. "
         "Default: the host the request was sent to.", "images", metavar="URL",
     )
+    repeat_unseeded: bool = option(
+        False, "A request without a seed gets the seed derived from its prompt, so identical requests get identical "
+        "(cached) images, for benchmarks. Default: a fresh random seed per request, so that repeated requests "
+        "differ as a real model's do (the seed is written on the image).", "images", parse=None,
+    )
     #: Model ids listed by ``GET /v1/models`` (not a command-line option). Generation accepts any model.
     models: tuple[str, ...] = field(default=DEFAULT_MODELS)
 

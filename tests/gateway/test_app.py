@@ -66,7 +66,8 @@ async def gateway(**options: Any) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def image_of(data: bytes) -> Image.Image:
+def image_of(data: bytes | None) -> Image.Image:
+    assert data is not None
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
@@ -88,7 +89,14 @@ def error_of(response: httpx.Response) -> GatewayError:
 
 
 async def stats(client: httpx.AsyncClient) -> dict[str, Any]:
-    return (await client.get("/_gateway/stats")).json()
+    counters: dict[str, Any] = (await client.get("/_gateway/stats")).json()
+    return counters
+
+
+def text(value: str | None) -> str:
+    """A field the response must carry."""
+    assert value is not None
+    return value
 
 
 # --- dialect shapes -----------------------------------------------------------------------------------------
@@ -104,8 +112,8 @@ async def test_openai_default_model_returns_a_url_like_openai() -> None:
         result = parse(response)
         assert result.request_id == response.headers["x-request-id"]
         (image,) = result.images
-        assert image.data is None and image.url.startswith("http://gateway.test/files/")
-        download = await client.get(image.url, headers={"Authorization": ""})
+        assert image.data is None and text(image.url).startswith("http://gateway.test/files/")
+        download = await client.get(text(image.url), headers={"Authorization": ""})
         assert download.status_code == 200 and download.headers["content-type"] == "image/png"
         assert image_of(download.content).size == (1024, 1024)
 
@@ -129,7 +137,7 @@ async def test_openai_gpt_image_shape_tokens_and_format() -> None:
         assert len(result.images) == 2 and result.images[0].data != result.images[1].data
         for generated in result.images:
             # GPT image models always return base64
-            assert generated.url is None and "seed" in generated.revised_prompt
+            assert generated.url is None and "seed" in text(generated.revised_prompt)
             image = image_of(generated.data)
             assert (image.format, image.size) == ("JPEG", (1536, 1024))
 
@@ -154,7 +162,7 @@ async def test_openai_b64_for_dalle3_with_revised_prompt() -> None:
                                                       "size": "1792x1024", "style": "natural"}))
         (image,) = result.images
         assert image_of(image.data).size == (1792, 1024)
-        assert image.revised_prompt.startswith("a harbour (rendered by imagegen local gateway, seed ")
+        assert text(image.revised_prompt).startswith("a harbour (rendered by imagegen local gateway, seed ")
 
 
 async def test_indoxhub_envelope() -> None:
@@ -219,7 +227,7 @@ async def test_router_gpt_image_cost_by_tokens() -> None:
         {"prompt": "x"},
     ],
 )
-async def test_router_rejects_conflicts_and_missing_model(body: dict) -> None:
+async def test_router_rejects_conflicts_and_missing_model(body: dict[str, Any]) -> None:
     async with gateway() as client:
         response = await client.post(ROUTER, json=body)
         assert response.status_code == 400
@@ -229,8 +237,28 @@ async def test_router_rejects_conflicts_and_missing_model(body: dict) -> None:
 # --- determinism --------------------------------------------------------------------------------------------
 
 
-async def _b64_images(client: httpx.AsyncClient, path: str, body: dict) -> list[bytes]:
+async def _b64_images(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[bytes | None]:
     return [image.data for image in parse(await client.post(path, json=body)).images]
+
+
+async def test_unseeded_requests_get_a_fresh_31_bit_nonce() -> None:
+    body = {"model": "dall-e-3", "prompt": "a quiet lake", "response_format": "b64_json"}
+    async with gateway() as client:
+        seeds = set()
+        for _ in range(3):
+            revised = parse(await client.post(OPENAI, json=body)).images[0].revised_prompt
+            assert revised is not None
+            seeds.add(int(re.search(r"seed (\d+)", revised).group(1)))  # type: ignore[union-attr]
+        assert len(seeds) == 3 and all(0 <= seed < 2**31 for seed in seeds)
+
+
+async def test_repeat_unseeded_derives_the_seed_from_the_prompt() -> None:
+    body = {"model": "dall-e-2", "prompt": "a quiet lake", "size": "256x256", "response_format": "b64_json"}
+    async with gateway(repeat_unseeded=True) as first, gateway(repeat_unseeded=True) as second:
+        assert await _b64_images(first, OPENAI, body) == await _b64_images(second, OPENAI, body)
+        assert (await stats(first))["render_cache"] == {"hits": 0, "misses": 1}
+        await _b64_images(first, OPENAI, body)
+        assert (await stats(first))["render_cache"]["hits"] == 1
 
 
 async def test_same_params_same_bytes_other_seed_other_bytes() -> None:
@@ -240,9 +268,9 @@ async def test_same_params_same_bytes_other_seed_other_bytes() -> None:
         assert a == await _b64_images(second, OPENAI, body)
         assert a[0] != a[1]  # images of one request differ
         assert await _b64_images(first, OPENAI, {**body, "seed": 12}) != a
-        # No seed: derived from the prompt, so still reproducible.
+        # No seed: a fresh nonce per request, so repeated requests differ as a real model's do.
         unseeded = {k: v for k, v in body.items() if k != "seed"}
-        assert await _b64_images(first, OPENAI, unseeded) == await _b64_images(second, OPENAI, unseeded)
+        assert await _b64_images(first, OPENAI, unseeded) != await _b64_images(first, OPENAI, unseeded)
         # The same picture whichever dialect asked for it.
         router = await _b64_images(first, ROUTER, {**body, "model": "openai/gpt-image-1"})
         assert router == a
@@ -254,7 +282,7 @@ async def test_same_params_same_bytes_other_seed_other_bytes() -> None:
 async def test_url_images_expire_and_authorization_is_counted() -> None:
     async with gateway(url_ttl_seconds=0.2) as client:
         result = parse(await client.post(OPENAI, json={"prompt": "x", "model": "dall-e-3", "response_format": "url"}))
-        url = result.images[0].url
+        url = text(result.images[0].url)
         async with httpx.AsyncClient(transport=client._transport) as anonymous:
             assert (await anonymous.get(url)).status_code == 200
         counters = await stats(client)
@@ -272,7 +300,7 @@ async def test_url_store_is_bounded() -> None:
         urls = []
         for i in range(3):
             result = parse(await client.post(OPENAI, json={"prompt": f"p{i}", "size": "256x256"}))
-            urls.append(result.images[0].url)
+            urls.append(text(result.images[0].url))
         statuses = [(await client.get(url)).status_code for url in urls]
         assert statuses == [404, 200, 200]
 
@@ -280,7 +308,7 @@ async def test_url_store_is_bounded() -> None:
 async def test_public_base_url() -> None:
     async with gateway(public_base_url="https://cdn.example.com/") as client:
         result = parse(await client.post(OPENAI, json={"prompt": "x", "size": "256x256"}))
-        assert result.images[0].url.startswith("https://cdn.example.com/files/")
+        assert text(result.images[0].url).startswith("https://cdn.example.com/files/")
 
 
 # --- auth, money, validation ---------------------------------------------------------------------------------
@@ -289,9 +317,11 @@ async def test_public_base_url() -> None:
 @pytest.mark.parametrize("path", [OPENAI, INDOXHUB, ROUTER, "/v1/models"])
 async def test_missing_key_is_401_on_every_route(path: str) -> None:
     async with gateway() as client:
-        method = client.get if path.endswith("models") else client.post
-        kwargs = {} if path.endswith("models") else {"json": {"prompt": "x", "model": "m"}}
-        response = await method(path, headers={"Authorization": ""}, **kwargs)
+        no_key = {"Authorization": ""}
+        if path.endswith("models"):
+            response = await client.get(path, headers=no_key)
+        else:
+            response = await client.post(path, headers=no_key, json={"prompt": "x", "model": "m"})
         assert response.status_code == 401
         assert isinstance(error_of(response), AuthenticationError)
 
@@ -359,7 +389,7 @@ async def test_content_policy_violation(path: str) -> None:
         {"prompt": "x", "model": "dall-e-2", "stream": True},
     ],
 )
-async def test_generic_validation_is_400(body: dict) -> None:
+async def test_generic_validation_is_400(body: dict[str, Any]) -> None:
     async with gateway() as client:
         response = await client.post(OPENAI, json=body)
         assert response.status_code == 400, response.text
@@ -568,9 +598,9 @@ async def test_real_socket_round_trip_and_url_download() -> None:
                                                          "size": "512x512"})
             result = parse(response)
             assert response.headers["x-ratelimit-limit-requests"] == "600"
-            assert result.images[0].url.startswith(handle.base_url + "/files/")
+            assert text(result.images[0].url).startswith(handle.base_url + "/files/")
             async with httpx.AsyncClient() as downloader:
-                image = await downloader.get(result.images[0].url)
+                image = await downloader.get(text(result.images[0].url))
             assert image_of(image.content).size == (512, 512)
             models = (await client.get("/v1/models")).json()
             assert "gpt-image-1" in [m["id"] for m in models["data"]]
@@ -592,7 +622,9 @@ def test_thread_server_shuts_down_and_frees_its_port() -> None:
 # --- streaming ------------------------------------------------------------------------------------------------
 
 
-async def _stream(client: httpx.AsyncClient, path: str, body: dict) -> tuple[list[tuple[str, str]], httpx.Headers]:
+async def _stream(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> tuple[list[tuple[str, str]], httpx.Headers]:
     async with aconnect_sse(client, "POST", path, json=body) as source:
         assert source.response.status_code == 200
         assert source.response.headers["content-type"].startswith("text/event-stream")
@@ -710,7 +742,7 @@ def test_latency_parsing_and_config_validation() -> None:
     assert parse_latency("0.5") == (0.5, 0.5) and parse_latency("0") is None
     with pytest.raises(argparse.ArgumentTypeError):
         parse_latency("2-1")
-    assert GatewayConfig(latency=0.2).latency == (0.2, 0.2)
+    assert GatewayConfig(latency=0.2).latency == (0.2, 0.2)  # type: ignore[arg-type]  # a number is accepted
     with pytest.raises(ValueError, match="fail_502_rate"):
         GatewayConfig(fail_502_rate=1.5)
     with pytest.raises(ValueError, match="rpm"):
@@ -735,6 +767,7 @@ def test_module_serves_and_announces_its_address() -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
+        assert process.stdout is not None
         line = process.stdout.readline().strip()
         assert line.startswith("imagegen gateway listening on http://127.0.0.1:")
         base_url = line.rsplit(" ", 1)[-1]

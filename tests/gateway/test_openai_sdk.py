@@ -140,3 +140,24 @@ def test_variation_invalid_is_bad_request(sdk: tuple[openai.OpenAI, Any], params
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.create_variation(**{"image": ("in.png", _png(alpha=False)), **params})
     assert caught.value.param == param
+
+
+async def test_oversized_upload_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import httpx
+
+    from imagegen_gateway import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", 4000)
+    noisy = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(noisy, "PNG")
+    app = app_module.create_app(GatewayConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g",
+                                 headers={"Authorization": "Bearer sk-x"}) as client:
+        files = {"image": ("in.png", noisy.getvalue(), "image/png")}
+        response = await client.post("/v1/images/variations", files=files, data={"model": "dall-e-2"})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "upload_too_large"
+        small = await client.post("/v1/images/variations", files={"image": ("in.png", _png((32, 32)), "image/png")})
+        assert small.status_code == 200, small.text
+        assert (await client.get("/_gateway/stats")).json()["charged_images"] == 1

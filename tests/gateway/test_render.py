@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
+from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from imagegen_gateway.render import Renderer, RenderSpec, render, seed_from_prompt
+from imagegen_gateway.render import Renderer, RenderSpec, caption_lines, render, seed_from_prompt
 
 BASE = RenderSpec(prompt="a red fox in snow", seed=42, model="dall-e-3", width=64, height=48)
 
@@ -42,7 +43,7 @@ def test_same_spec_same_bytes() -> None:
         {"index": 1},
     ],
 )
-def test_any_picture_parameter_changes_the_image(change: dict) -> None:
+def test_any_picture_parameter_changes_the_image(change: dict[str, Any]) -> None:
     assert render(replace(BASE, **change)) != render(BASE)
 
 
@@ -54,7 +55,7 @@ def test_pattern_is_not_flat() -> None:
 def test_transparent_background_has_an_alpha_channel() -> None:
     image = _open(render(replace(BASE, background="transparent")))
     assert image.mode == "RGBA"
-    alphas = {pixel[3] for pixel in image.getdata()}
+    alphas = {pixel[3] for pixel in image.getdata()}  # type: ignore[attr-defined]
     assert alphas == {0, 255}
     # JPEG cannot carry alpha: the request is served opaque rather than failing.
     assert _open(render(replace(BASE, background="transparent", output_format="jpeg"))).mode == "RGB"
@@ -103,7 +104,7 @@ def test_large_images_render_quickly() -> None:
     assert _open(data).size == (1024, 1024)
 
 
-def test_photo_detail_has_the_size_of_real_model_output_and_stays_deterministic():
+def test_photo_detail_has_the_size_of_real_model_output_and_stays_deterministic() -> None:
     spec = RenderSpec(prompt="a lighthouse", seed=7, model="gpt-image-1", width=1024, height=1024)
     photo = render(spec, "photo")
     assert 1_000_000 < len(photo) < 4_000_000  # real gpt-image-1 1024x1024 PNGs are 1-3 MB
@@ -113,3 +114,52 @@ def test_photo_detail_has_the_size_of_real_model_output_and_stays_deterministic(
     assert render(other_seed, "photo") != photo
     with Image.open(io.BytesIO(photo)) as image:
         assert image.format == "PNG" and image.size == (1024, 1024)
+
+
+def _ink(image: Image.Image, x: int, y: int) -> bool:
+    pixel = image.getpixel((x, y))
+    assert isinstance(pixel, tuple)
+    return pixel[:3] == (255, 255, 255)
+
+
+@pytest.mark.parametrize(("size", "scale"), [(1024, 5), (512, 2), (256, 1)])
+def test_prompt_and_seed_are_written_legibly(size: int, scale: int) -> None:
+    """Sampling the caption box once per font pixel gives back exactly the font's rendering of the prompt and
+    the seed: the text is there, whole, and drawn at ``scale`` image pixels per font pixel."""
+    spec = replace(BASE, width=size, height=size)
+    image = _open(render(spec)).convert("RGB")
+    expected_lines = ["a red fox in snow", "seed 42"]
+    assert caption_lines(spec, 30) == expected_lines
+    font = ImageFont.load_default_imagefont()
+    width, height = max(map(len, expected_lines)) * 6 + 4, len(expected_lines) * 11 + 4
+    expected = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(expected)
+    for row, line in enumerate(expected_lines):
+        draw.text((2, 2 + row * 11), line, fill=255, font=font)
+    origin = size // 20
+    drawn = [
+        [_ink(image, origin + x * scale + scale // 2, origin + y * scale + scale // 2) for x in range(width)]
+        for y in range(height)
+    ]
+    wanted = [[expected.getpixel((x, y)) == 255 for x in range(width)] for y in range(height)]
+    assert drawn == wanted and sum(map(sum, wanted)) > 100
+
+
+def test_caption_wraps_and_cuts_long_prompts_and_survives_any_script() -> None:
+    spec = replace(BASE, prompt="word " * 200, seed=7)
+    lines = caption_lines(spec, 20)
+    assert len(lines) == 9 and lines[-1] == "seed 7" and lines[-2].endswith("...")
+    assert all(len(line) <= 20 for line in lines)
+    assert caption_lines(replace(BASE, prompt="東京 at night"), 30)[0] == "?? at night"
+    assert _open(render(replace(BASE, prompt="東京 🎉", width=512, height=512))).size == (512, 512)
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (1536, 1024), (40, 30), (16, 16)])
+def test_caption_never_covers_the_transparent_frame(size: tuple[int, int]) -> None:
+    spec = replace(BASE, prompt="w" * 500, background="transparent", width=size[0], height=size[1])
+    image = _open(render(spec))
+    alpha = image.getchannel("A")
+    width, height = image.size
+    frame = max(1, width // 32)
+    assert {alpha.getpixel((width - 1 - dx, y)) for dx in range(frame) for y in range(height)} == {0}
+    assert {alpha.getpixel((x, height - 1)) for x in range(width)} == {0}

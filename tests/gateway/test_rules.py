@@ -98,3 +98,26 @@ async def test_other_models_and_dialects_stay_loose() -> None:
         router = await client.post("/router/v1/images/generations",
                                    json={"model": "openai/gpt-image-1", "prompt": "x", "quality": "hd"})
         assert router.status_code == 200 and router.json()["quality"] == "high"
+
+
+def test_the_gateway_runs_none_of_the_clients_code() -> None:
+    """The gateway's rules are its own: serving requests (which also reads the engine's prices.json, as data)
+    loads no module of ``imagegen_provider`` beyond the bare package that holds the price file."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, httpx, asyncio\n"
+        "from imagegen_gateway import create_app\n"
+        "async def main():\n"
+        "    transport = httpx.ASGITransport(app=create_app())\n"
+        "    async with httpx.AsyncClient(transport=transport, base_url='http://g') as client:\n"
+        "        r = await client.post('/v1/images/generations', headers={'Authorization': 'Bearer k'},\n"
+        "                              json={'model': 'gpt-image-1', 'prompt': 'x', 'quality': 'low'})\n"
+        "        assert r.status_code == 200, r.text\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('imagegen_provider')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['imagegen_provider']"

@@ -176,12 +176,14 @@ async def test_several_images_per_request_are_all_downloaded(keyed_gateway, clie
 @pytest.mark.parametrize("dialect", ["openai", "router"])
 async def test_streaming_gives_final_image_and_usage(keyed_gateway, client_for, dialect):
     gw = keyed_gateway
+    # A seed, so that both requests ask for the same picture (unseeded requests get a nonce from the gateway).
     request = small_request(
-        model="gpt-image-1", size="1024x1024", quality="low", stream=True, partial_images=2, response_format=None
+        model="gpt-image-1", size="1024x1024", quality="low", stream=True, partial_images=2, response_format=None,
+        seed=21,
     )
-    streamed = await client_for(gw, dialect, keep_partial_images=True).generate(request)
+    streamed = await client_for(gw, dialect, keep_partial_images=True, accepts_seed=True).generate(request)
     plain = request.model_copy(update={"stream": None, "partial_images": None})
-    buffered = await client_for(gw, dialect).generate(plain)
+    buffered = await client_for(gw, dialect, accepts_seed=True).generate(plain)
 
     sent = gw.stats()["last_request_bodies"][0]
     assert sent["stream"] is True

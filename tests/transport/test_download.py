@@ -121,10 +121,10 @@ async def test_http_redirect_is_followed(scripted):
 # --- size cap --------------------------------------------------------------------------------------------
 
 
-async def test_size_cap_with_content_length(keyed_gateway, client_for):
-    gw = keyed_gateway
+async def test_size_cap_with_content_length(gateway_factory, client_for):
+    # repeat_unseeded: unseeded requests get the same image, so the same image inline tells its exact size.
+    gw = gateway_factory(GatewayConfig(api_key=KEY, repeat_unseeded=True))
     request = small_request(response_format="url")
-    # The same image inline tells its exact size (the gateway renders deterministically).
     size = len((await client_for(gw, "openai").generate(request.model_copy(update={"response_format": "b64_json"})))
                .images[0].data)
     with pytest.raises(ImageDownloadError) as caught:
