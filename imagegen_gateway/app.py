@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imagegen_gateway.batches import batch_routes
 from imagegen_gateway.charges import BilledUsage, billed_usage
 from imagegen_gateway.config import GatewayConfig
 from imagegen_gateway.faults import Fault, corrupt_base64
@@ -99,6 +100,8 @@ def _gateway(request: Request) -> GatewayState:
 def _route_label(path: str) -> str:
     if path.startswith("/files/"):
         return "/files"
+    if path.startswith(("/v1/files", "/v1/batches")):
+        return "/v1/" + path.split("/")[2]
     if path in IMAGE_ROUTES or path in MODEL_ROUTES or path == "/healthz":
         return path
     return "other"
@@ -266,6 +269,13 @@ def _partial_specs(params: GenParams, spec: RenderSpec) -> list[RenderSpec]:
 
 async def _images(request: Request, params: GenParams, *, corrupt: bool) -> list[ImageOut]:
     gateway = _gateway(request)
+    return await make_images(gateway, params, base_url=str(request.base_url), corrupt=corrupt)
+
+
+async def make_images(gateway: GatewayState, params: GenParams, *, base_url: str, corrupt: bool = False
+                      ) -> list[ImageOut]:
+    """The images of one request, as the sync routes and batch lines both deliver them (same render, same
+    bytes). ``base_url``: where URL images are served when no ``public_base_url`` is configured."""
     revised = revised_prompt(params)
     if corrupt:
         # No rendering for a corrupted answer: its bytes can never be decoded anyway.
@@ -277,7 +287,7 @@ async def _images(request: Request, params: GenParams, *, corrupt: bool) -> list
         if params.response_format == "url" and not params.stream:
             extension = "jpg" if spec.output_format == "jpeg" else spec.output_format
             token = gateway.files.put(data, spec.content_type, extension)
-            base = (gateway.config.public_base_url or str(request.base_url)).rstrip("/")
+            base = (gateway.config.public_base_url or base_url).rstrip("/")
             out.append(ImageOut(url=f"{base}/files/{token}", revised_prompt=revised))
         else:
             out.append(ImageOut(b64_json=_b64(data), revised_prompt=revised))
@@ -574,7 +584,9 @@ async def reset(request: Request) -> Response:
 def create_app(config: GatewayConfig | None = None) -> Starlette:
     """The gateway as an ASGI app; ``app.state.gateway`` is its :class:`GatewayState`."""
     gateway = GatewayState(config or GatewayConfig())
+    batches, batch_api = batch_routes(gateway, auth=_auth_error, make_images=make_images)
     routes = [
+        *batch_api,
         *(Route(path, _endpoint(dialect, _read_json, f"generate_{dialect}"), methods=["POST"])
           for path, dialect in GENERATION_ROUTES.items()),
         Route(EDIT_ROUTE, _endpoint("openai", _form_reader(Operation.EDIT), "edit_openai"), methods=["POST"]),
@@ -588,4 +600,5 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
     ]
     app = Starlette(routes=routes, middleware=[Middleware(Instrumentation, gateway=gateway)])
     app.state.gateway = gateway
+    app.state.batches = batches
     return app

@@ -43,6 +43,7 @@ GROUPS = {
     "limits": "rate limits (token buckets)",
     "faults": "fault injection (probabilities between 0 and 1; default 0)",
     "images": "images",
+    "batch": "batch API (/v1/files, /v1/batches; openai dialect only)",
 }
 
 Check = Callable[[Any], str | None]
@@ -223,6 +224,33 @@ class GatewayConfig:
         False, "A request without a seed gets the seed derived from its prompt, so identical requests get identical "
         "(cached) images, for benchmarks. Default: a fresh random seed per request, so that repeated requests "
         "differ as a real model's do (the seed is written on the image).", "images", parse=None,
+    )
+    batch_delay: float = option(
+        0.0, "Seconds a batch waits (validating, then in_progress with no line done) before its lines are worked "
+        "on (default 0). Gives tests and demos time to see a batch in progress, cancel it or kill its client.",
+        "batch", parse=float, metavar="SECONDS", check=lambda v: None if v >= 0 else "must not be negative",
+    )
+    batch_line_failure_rate: float = option(
+        0.0, "Probability that a batch line fails with a 500 server_error written to the batch's error file "
+        "(not charged).", "batch", parse=_rate, metavar="P", check=_probability,
+    )
+    batch_expire_after_lines: int | None = option(
+        None, "A batch expires after this many of its lines are done: what finished is in its output file, the "
+        "rest is in its error file with code batch_expired (as OpenAI does at the end of the 24 h window). "
+        "Default: batches never expire.", "batch", parse=int, metavar="N",
+        check=lambda v: None if v is None or v >= 0 else "must be >= 0",
+    )
+    batch_discount: float = option(
+        0.5, "Batch lines are charged this fraction of the synchronous price (default 0.5, OpenAI's batch "
+        "discount).", "batch", parse=_rate, metavar="FRACTION", check=_probability,
+    )
+    batch_max_requests: int = option(
+        50_000, "Most lines one batch input file may hold (default 50000, OpenAI's limit); more fail the batch "
+        "at validation.", "batch", parse=int, metavar="N", check=_at_least(1),
+    )
+    batch_max_file_bytes: int = option(
+        200 * 1024 * 1024, "Largest accepted upload to /v1/files, in bytes (default 200 MB, OpenAI's batch input "
+        "limit); a larger upload gets 400.", "batch", parse=int, metavar="BYTES", check=_at_least(1),
     )
     #: Model ids listed by ``GET /v1/models`` (not a command-line option). Generation accepts any model.
     models: tuple[str, ...] = field(default=DEFAULT_MODELS)

@@ -19,6 +19,7 @@ import anyio
 
 from imagegen_gateway.config import GatewayConfig
 from imagegen_gateway.faults import FaultInjector
+from imagegen_gateway.files import UploadStore
 from imagegen_gateway.limiter import GatewayLimiter
 from imagegen_gateway.render import Renderer, RenderSpec
 
@@ -95,6 +96,10 @@ class Stats:
     bytes_served: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    batches_created: int = 0
+    #: Batch lines served, and those whose custom_id an earlier batch already carried (an image paid twice).
+    batch_lines: int = 0
+    batch_lines_resubmitted: int = 0
     accepted_per_second: Counter[int] = field(default_factory=Counter)
     last_request_bodies: deque[Any] = field(default_factory=lambda: deque(maxlen=LAST_BODIES))
     last_request_paths: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_BODIES))
@@ -122,6 +127,8 @@ class GatewayState:
         self.limiter = GatewayLimiter(config.rpm, config.ipm, config.burst, config.image_burst)
         self.faults = FaultInjector(config)
         self.stats = Stats()
+        #: Files of the Files API (batch input, output and error files), on disk.
+        self.uploads = UploadStore()
         self.balance_usd = config.balance_usd
         self.started_at = time.time()
 
@@ -164,6 +171,10 @@ class GatewayState:
             "bytes_served": s.bytes_served,
             "in_flight": s.in_flight,
             "max_in_flight": s.max_in_flight,
+            "batches_created": s.batches_created,
+            "batch_lines": s.batch_lines,
+            "batch_lines_resubmitted": s.batch_lines_resubmitted,
+            "uploaded_files": len(self.uploads),
             "accepted_timeline": [[second, count] for second, count in sorted(s.accepted_per_second.items())],
             "render_cache": {"hits": self.renderer.hits, "misses": self.renderer.misses},
             "last_request_bodies": list(s.last_request_bodies),
