@@ -17,7 +17,6 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -132,10 +131,18 @@ class ManifestStore:
 class Chunk:
     """One batch input file being built: a local temporary file and the images in it."""
 
-    file: IO[bytes]
+    file: IO[bytes] = field(
+        default_factory=lambda: tempfile.TemporaryFile(prefix="imagegen-batch-", suffix=".jsonl")  # noqa: SIM115
+    )
     images: list[tuple[str, int, int]] = field(default_factory=list)
     size: int = 0
     estimated_cost_usd: float | None = 0.0
+
+    def fits(self, line: bytes, *, max_requests: int, max_bytes: int) -> bool:
+        """Whether ``line`` may join this chunk under both limits (an empty chunk takes any line)."""
+        if not self.images:
+            return True
+        return len(self.images) < max_requests and self.size + len(line) <= max_bytes
 
     def add(self, line: bytes, image: tuple[str, int, int], estimate: float | None) -> None:
         self.file.write(line)
@@ -144,35 +151,12 @@ class Chunk:
         if self.estimated_cost_usd is not None:
             self.estimated_cost_usd = None if estimate is None else self.estimated_cost_usd + estimate
 
+    def rewound(self) -> IO[bytes]:
+        self.file.flush()
+        self.file.seek(0)
+        return self.file
+
 
 def jsonl_line(custom: str, body: dict[str, Any], *, endpoint: str) -> bytes:
     return json.dumps({"custom_id": custom, "method": "POST", "url": endpoint, "body": body},
                       separators=(",", ":")).encode() + b"\n"
-
-
-def chunks(
-    lines: Iterable[tuple[bytes, tuple[str, int, int], float | None]], *, max_requests: int, max_bytes: int
-) -> Iterator[Chunk]:
-    """Cut ``(line, image, estimate)`` into chunks under both limits; each chunk's file is open, rewound and
-    closed by the consumer once the next chunk is asked for.
-
-    :raises ValueError: a single line larger than ``max_bytes``.
-    """
-    current: Chunk | None = None
-    for line, image, estimate in lines:
-        if len(line) > max_bytes:
-            raise ValueError(f"request of {image[0]!r} image {image[1]} is {len(line)} bytes, over max_bytes")
-        if current is not None and (len(current.images) >= max_requests or current.size + len(line) > max_bytes):
-            yield _rewound(current)
-            current = None
-        if current is None:
-            current = Chunk(file=tempfile.TemporaryFile(prefix="imagegen-batch-", suffix=".jsonl"))  # noqa: SIM115
-        current.add(line, image, estimate)
-    if current is not None:
-        yield _rewound(current)
-
-
-def _rewound(chunk: Chunk) -> Chunk:
-    chunk.file.flush()
-    chunk.file.seek(0)
-    return chunk
