@@ -133,8 +133,9 @@ class BatchService:
         self._tasks: set[asyncio.Task[None]] = set()
         seed = gateway.config.fault_seed
         self._failures = random.Random(None if seed is None else f"batch:{seed}")
-        #: Every custom_id ever submitted, to count resubmissions in the stats.
+        #: Every custom_id ever served, and those charged: resubmissions and double charges in the stats.
         self._seen: set[str] = set()
+        self._charged: set[str] = set()
 
     def create(self, batch: Batch) -> None:
         self.batches[batch.id] = batch
@@ -216,6 +217,9 @@ class BatchService:
         if not self.gateway.can_afford(cost):
             return 402, _error_body("Insufficient balance", type_="insufficient_quota", code="insufficient_quota")
         self.gateway.charge(cost, params.n)
+        if custom_id in self._charged:
+            stats.batch_lines_charged_twice += 1
+        self._charged.add(custom_id)
         images = await self._make_images(self.gateway, params, base_url=batch.base_url)
         stats.images_generated += params.n
         return 200, openai_body(params, images, usage, int(time.time()))

@@ -100,6 +100,8 @@ class Stats:
     #: Batch lines served, and those whose custom_id an earlier batch already carried (an image paid twice).
     batch_lines: int = 0
     batch_lines_resubmitted: int = 0
+    #: Batch lines charged for a custom_id an earlier line was already charged for: an image paid twice.
+    batch_lines_charged_twice: int = 0
     accepted_per_second: Counter[int] = field(default_factory=Counter)
     last_request_bodies: deque[Any] = field(default_factory=lambda: deque(maxlen=LAST_BODIES))
     last_request_paths: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_BODIES))
@@ -174,6 +176,7 @@ class GatewayState:
             "batches_created": s.batches_created,
             "batch_lines": s.batch_lines,
             "batch_lines_resubmitted": s.batch_lines_resubmitted,
+            "batch_lines_charged_twice": s.batch_lines_charged_twice,
             "uploaded_files": len(self.uploads),
             "accepted_timeline": [[second, count] for second, count in sorted(s.accepted_per_second.items())],
             "render_cache": {"hits": self.renderer.hits, "misses": self.renderer.misses},

@@ -80,6 +80,9 @@ def test_batch_answers_are_the_sync_answers_at_half_price(gateway_factory: Any) 
     stats = handle.stats()
     assert stats["spent_usd"] == pytest.approx(sync_spent / 2)
     assert (stats["batch_lines"], stats["batch_lines_resubmitted"], stats["images_generated"]) == (3, 0, 3)
+    again = _wait(client, _submit(client, {"p0": _body("kite 0", 100)}).id)
+    assert again.status == "completed"
+    assert (handle.stats()["batch_lines_resubmitted"], handle.stats()["batch_lines_charged_twice"]) == (1, 1)
     assert stats["by_route"]["/v1/batches"] >= 2 and stats["by_route"]["/v1/files"] >= 2
 
 
