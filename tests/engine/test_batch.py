@@ -1,0 +1,214 @@
+"""Batch API mode end to end against the bundled gateway on a loopback socket: the same images and metadata as
+sync at half the cost, manifests that make reruns collect instead of paying twice, expiry and line failures
+kept apart from what finished, budgets and dry runs at the batch price, and a killed CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from imagegen_gateway import GatewayConfig
+from imagegen_provider.engine import BatchRunner, RunConfig, RunSummary
+from imagegen_provider.engine.batch import BatchApiRunner, BatchOptions
+from imagegen_provider.engine.batch_plan import COLLECTED, MANIFEST_DIR, BatchManifest, ManifestStore
+from imagegen_provider.transport.batch import BatchUnsupportedError
+
+from ._support import current, image_files, make_client, numbered, write_prompts
+
+REPO = Path(__file__).resolve().parents[2]
+GPT = {"model": "gpt-image-1", "size": "1024x1024", "quality": "low"}
+DALL_E_3 = {"model": "dall-e-3", "size": "1024x1024", "response_format": "b64_json"}
+#: Columns allowed to differ between a sync and a batch run of the same table and seed.
+RUN_SPECIFIC = {"run_id", "api", "batch_id", "request_id", "latency_ms", "started_at", "finished_at", "cost_usd",
+                "cost_source"}
+
+
+def _table(tmp_path: Path, n: int = 3) -> str:
+    ids, prompts = numbered(n)
+    return write_prompts(tmp_path / "prompts.parquet", prompts, ids=ids)
+
+
+async def _run(gateway: Any, *, api: str, options: BatchOptions | None = None, dialect: str = "openai",
+               **config: Any) -> RunSummary:
+    config.setdefault("images_per_prompt", 2)
+    config.setdefault("base_seed", 7)
+    async with make_client(gateway, dialect=dialect, accepts_seed=True) as client:
+        run_config = RunConfig(**config)
+        if api == "sync":
+            return await BatchRunner(run_config, client=client).run()
+        opts = options or BatchOptions(poll_interval=0.05, timeout=60)
+        return await BatchApiRunner(run_config, client=client, batch=opts).run()
+
+
+def _manifests(output: Path) -> list[BatchManifest]:
+    return [BatchManifest.from_json(p.read_bytes()) for p in sorted((output / MANIFEST_DIR).glob("*.json"))]
+
+
+@pytest.mark.parametrize("request_defaults", [GPT, DALL_E_3], ids=["gpt-image-1", "dall-e-3"])
+async def test_batch_gives_the_sync_images_and_metadata_at_half_the_cost(tmp_path, gateway, request_defaults):
+    prompts = _table(tmp_path)
+    sync_out, batch_out = tmp_path / "sync", tmp_path / "batch"
+    sync = await _run(gateway, api="sync", prompts=prompts, output=str(sync_out), request_defaults=request_defaults)
+    batch = await _run(gateway, api="batch", prompts=prompts, output=str(batch_out), request_defaults=request_defaults)
+    assert sync.succeeded == batch.succeeded == 6 and batch.failed == 0
+    assert image_files(sync_out) == image_files(batch_out)
+    for name in image_files(sync_out):
+        assert (sync_out / name).read_bytes() == (batch_out / name).read_bytes(), name
+    a, b = current(sync_out), current(batch_out)
+    assert set(a["api"]) == {"sync"} and set(b["api"]) == {"batch"} and a["batch_id"].isna().all()
+    assert b["batch_id"].notna().all() and b["latency_ms"].isna().all()
+    same = [c for c in a.columns if c not in RUN_SPECIFIC]
+    pd.testing.assert_frame_equal(a[same].reset_index(drop=True), b[same].reset_index(drop=True))
+    for sync_cost, batch_cost in zip(a["cost_usd"], b["cost_usd"], strict=True):
+        assert batch_cost == sync_cost * 0.5 and sync_cost > 0
+    assert batch.cost_usd == pytest.approx(sync.cost_usd / 2)
+    stats = gateway.stats()
+    assert stats["batches_created"] == 1 and stats["batch_lines"] == 6 and stats["batch_lines_charged_twice"] == 0
+
+
+async def test_no_wait_then_reruns_reattach_and_never_submit_twice(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(batch_delay=1.5))
+    prompts, output = _table(tmp_path, 4), tmp_path / "out"
+    config = {"prompts": prompts, "output": str(output), "request_defaults": GPT}
+    no_wait = BatchOptions(wait=False)
+    first = await _run(gateway, api="batch", options=no_wait, **config)
+    assert first.succeeded == 0 and first.not_attempted == 8 and "rerun" in (first.stopped_reason or "")
+    [manifest] = _manifests(output)
+    assert manifest.batch_id and manifest.state in ("validating", "in_progress") and len(manifest.images) == 8
+    second = await _run(gateway, api="batch", options=no_wait, **config)  # still in progress: nothing new
+    assert second.succeeded == 0 and gateway.stats()["batches_created"] == 1
+    third = await _run(gateway, api="batch", **config)
+    assert third.succeeded == 8 and third.not_attempted == 0
+    assert [m.state for m in _manifests(output)] == [COLLECTED]
+    fourth = await _run(gateway, api="batch", **config)
+    assert fourth.skipped_existing == 8 and fourth.succeeded == 0
+    stats = gateway.stats()
+    assert (stats["batches_created"], stats["batch_lines"], stats["batch_lines_resubmitted"]) == (1, 8, 0)
+
+
+async def test_expired_and_failed_lines_keep_what_finished_and_the_rest_is_resubmitted(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(batch_expire_after_lines=5, batch_line_failure_rate=0.3, fault_seed=3))
+    prompts, output = _table(tmp_path, 4), tmp_path / "out"
+    config = {"prompts": prompts, "output": str(output), "request_defaults": GPT}
+    first = await _run(gateway, api="batch", **config)
+    rows = current(output)
+    stored = set(rows.index[rows["status"] == "succeeded"])
+    failed = rows[rows["status"] == "failed"]
+    assert first.succeeded == len(stored) > 0 and first.failed == len(failed) > 0
+    assert set(failed["http_status"]) == {500} and set(failed["error_type"]) == {"ServerError"}
+    assert len(stored) + len(failed) == 5 and first.not_attempted == 3  # 3 lines expired: no row, no charge
+    for _ in range(6):  # each rerun submits only what is not stored yet
+        summary = await _run(gateway, api="batch", **config)
+        if summary.succeeded + summary.skipped_existing == 8:
+            break
+    rows = current(output)
+    assert (rows["status"] == "succeeded").all() and len(rows) == 8
+    assert gateway.stats()["batch_lines_charged_twice"] == 0  # nothing stored was ever submitted again
+    assert gateway.stats()["charged_images"] == 8
+
+
+async def test_dry_run_and_budget_use_the_batch_price_before_uploading(tmp_path, gateway):
+    prompts = _table(tmp_path, 4)
+    config = {"prompts": prompts, "request_defaults": GPT}
+    sync_estimate = await _run(gateway, api="sync", output=str(tmp_path / "a"), dry_run=True, **config)
+    batch_estimate = await _run(gateway, api="batch", output=str(tmp_path / "b"), dry_run=True, **config)
+    assert batch_estimate.estimated_cost_usd == pytest.approx(sync_estimate.estimated_cost_usd / 2)
+    per_image = batch_estimate.estimated_cost_usd / 8
+    capped = await _run(gateway, api="batch", output=str(tmp_path / "c"), max_cost_usd=per_image * 3.5, **config)
+    assert capped.succeeded == 3 and "max_cost_usd" in (capped.stopped_reason or "")
+    assert gateway.stats()["batch_lines"] == 3
+    nothing = await _run(gateway, api="batch", output=str(tmp_path / "d"), max_cost_usd=per_image / 2, **config)
+    assert nothing.succeeded == 0 and gateway.stats()["uploaded_files"] == 2  # c's input + its output only
+
+
+async def test_dialects_without_batch_are_refused_before_sending(tmp_path, gateway):
+    with pytest.raises(BatchUnsupportedError, match="indoxhub dialect has no batch API"):
+        await _run(gateway, api="batch", dialect="indoxhub", prompts=_table(tmp_path), output=str(tmp_path / "o"),
+                   request_defaults={"model": "openai/dall-e-3"})
+    assert gateway.stats()["total_requests"] == 0
+
+
+async def test_invalid_rows_fail_without_a_request_and_the_rest_is_submitted(tmp_path, gateway):
+    prompts = write_prompts(tmp_path / "p.parquet", ["fine", None, "x" * 5000], ids=["a", "b", "c"])
+    summary = await _run(gateway, api="batch", prompts=prompts, output=str(tmp_path / "o"), images_per_prompt=1,
+                         request_defaults=DALL_E_3)
+    assert (summary.succeeded, summary.failed) == (1, 2)
+    rows = current(tmp_path / "o")
+    assert list(rows.loc[rows["status"] == "failed", "error_type"]) == ["InvalidRow", "InvalidRow"]
+    assert gateway.stats()["batch_lines"] == 1
+
+
+async def test_a_crash_between_creation_and_manifest_is_resolved_by_the_submission_token(
+    tmp_path, gateway, monkeypatch
+):
+    prompts, output = _table(tmp_path, 2), tmp_path / "out"
+    config = {"prompts": prompts, "output": str(output), "request_defaults": GPT}
+    real_save = ManifestStore.save
+
+    def crash_once_named(self: ManifestStore, manifest: BatchManifest) -> None:
+        if manifest.batch_id is not None:
+            raise KeyboardInterrupt("killed right after the batch was created")
+        real_save(self, manifest)
+
+    monkeypatch.setattr(ManifestStore, "save", crash_once_named)
+    with pytest.raises(KeyboardInterrupt):
+        await _run(gateway, api="batch", **config)
+    monkeypatch.setattr(ManifestStore, "save", real_save)
+    assert [m.batch_id for m in _manifests(output)] == [None]  # only the pending manifest made it
+    summary = await _run(gateway, api="batch", **config)
+    assert summary.succeeded == 4
+    assert gateway.stats()["batches_created"] == 1 and gateway.stats()["batch_lines_charged_twice"] == 0
+
+
+async def test_stop_with_cancel_cancels_and_the_next_run_resubmits(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(batch_delay=30))
+    prompts, output = _table(tmp_path, 2), tmp_path / "out"
+    async with make_client(gateway, accepts_seed=True) as client:
+        runner = BatchApiRunner(RunConfig(prompts=prompts, output=str(output), request_defaults=GPT,
+                                          images_per_prompt=2),
+                                client=client, batch=BatchOptions(poll_interval=0.05, cancel_on_stop=True))
+        task = asyncio.create_task(runner.run())
+        while gateway.stats()["batches_created"] == 0:
+            await asyncio.sleep(0.05)
+        runner.request_stop("test")
+        summary = await task
+    assert summary.succeeded == 0 and "stop requested" in (summary.stopped_reason or "")
+    assert [m.state for m in _manifests(output)] in (["cancelling"], ["cancelled"])
+    gateway.app.state.gateway.config = GatewayConfig()  # no more delay for the next batch
+    again = await _run(gateway, api="batch", prompts=prompts, output=str(output), request_defaults=GPT)
+    assert again.succeeded == 4 and gateway.stats()["charged_images"] == 4
+
+
+@pytest.mark.e2e
+def test_killed_cli_rerun_collects_without_paying_twice(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(batch_delay=4))
+    prompts, output = _table(tmp_path, 3), tmp_path / "out"
+    argv = [sys.executable, "-m", "imagegen_provider.cli", "run", prompts, str(output), "--base-url", gateway.url("/v1"),
+            "--api-key", "sk-cli", "--model", "gpt-image-1", "--size", "1024x1024", "--quality", "low",
+            "--images-per-prompt", "2", "--seed", "5", "--api", "batch", "--poll-interval", "0.1", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list((output / MANIFEST_DIR).glob("batch_*.json")):
+        assert time.monotonic() < deadline and first.poll() is None, first.stderr.read() if first.stderr else ""
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert gateway.stats()["batches_created"] == 1 and not image_files(output)
+    second = subprocess.run(argv, env=env, capture_output=True, timeout=120)
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    run = json.loads(second.stdout)["run"]
+    assert run["succeeded"] == 6
+    stats = gateway.stats()
+    assert (stats["batches_created"], stats["batch_lines"], stats["batch_lines_resubmitted"]) == (1, 6, 0)
+    assert len(image_files(output)) == 6
