@@ -49,6 +49,8 @@ TARGETS = {
     "hidden_utilisation": (">=", 0.90, "hidden limit: accepted/min ≥ 0.90·R over the run"),
     "overhead_ratio": ("<=", 1.5, "client CPU per image ≤ 1.5 × bare baseline"),
     "memory_ratio": ("<=", 1.3, "peak RSS, large ÷ small prompt table ≤ 1.3"),
+    "batch_memory_ratio": ("<=", 1.3, "batch mode: peak RSS collecting the large ÷ the small batch ≤ 1.3"),
+    "batch_cost_ratio": ("<=", 0.5, "batch mode: cost per image batch ÷ sync ≤ 0.5"),
 }
 
 #: dall-e-2 256x256 as b64_json: the smallest image the gateway renders for a documented model.
@@ -576,6 +578,66 @@ def case_scaleout(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+#: Batch case: a 512x512 "photo" PNG is ~0.5 MB, ~0.7 MB as a base64 line of the output file (kept below the
+#: multi-MB lines of 1024x1024 so that 2,000 of them fit the disk twice: gateway file and stored images).
+BATCH_IMAGE = {"model": "dall-e-2", "size": "512x512", "response_format": "b64_json"}
+
+
+def _cli_run(table: Path, output: Path, base_url: str, *, api: str) -> list[str]:
+    argv = [sys.executable, "-m", "imagegen_provider.cli", "run", str(table), str(output), "--base-url", base_url,
+            "--api-key", "bench", "--model", BATCH_IMAGE["model"], "--size", BATCH_IMAGE["size"],
+            "--response-format", BATCH_IMAGE["response_format"], "--json"]
+    return [*argv, "--api", "batch", "--poll-interval", "0.5"] if api == "batch" else argv
+
+
+def _batch_child(ctx: Ctx, key: str, table: Path, api: str, folder: Path, timeout: float) -> dict[str, Any]:
+    """Run one CLI child against its own fresh gateway; its summary, rusage and the gateway's stats."""
+    logs = ctx.out / "logs"
+    gateway = Gateway(["--image-detail", "photo", "--render-cache-size", "512"], logs / f"batch-{key}-gateway.log")
+    try:
+        gateway.start()
+        argv = _cli_run(table, folder / key, gateway.v1, api=api)
+        child = Child(argv, logs / f"batch-{key}.log", stdout_path=folder / f"{key}.json")
+        [result] = wait_children([child], timeout=timeout, gateways=[gateway])
+        stats = gateway.stats()
+    finally:
+        gateway.stop()
+    summary = _read_result(folder / f"{key}.json")
+    if summary is None or result.returncode != 0:
+        raise BenchError(f"batch/{key} failed (exit {result.returncode}); log {logs / f'batch-{key}.log'}:\n"
+                         f"{_tail(logs / f'batch-{key}.log')}")
+    run = summary["run"]
+    return {"succeeded": run["succeeded"], "failed": run["failed"], "cost_usd": run["cost_usd"],
+            "cost_per_image": round(run["cost_usd"] / max(1, run["succeeded"]), 6),
+            "wall_s": round(result.wall_s, 2), "cpu_s": round(result.cpu_s, 2),
+            "peak_rss_mb": round(result.maxrss_mb, 1), "batch_lines": stats.get("batch_lines"),
+            "batch_lines_charged_twice": stats.get("batch_lines_charged_twice"), "bytes_served": stats["bytes_served"]}
+
+
+def case_batch(ctx: Ctx) -> dict[str, Any]:
+    """Peak RSS of ``imagegen run --api batch`` collecting a small and a large batch, and cost per image vs sync."""
+    p = ctx.params
+    folder = ctx.case_dir("batch")
+    small, large = (50, 500) if p.quick else (100, 2_000)
+    records: dict[str, dict[str, Any]] = {}
+    for key, size, api in (("batch_small", small, "batch"), ("batch_large", large, "batch"),
+                           ("sync_small", small, "sync")):
+        table = make_table(folder / f"prompts-{size}.parquet", size, prefix="b", distinct=256)
+        ctx.log(f"  [batch] {key}: {size:,} images through --api {api}")
+        records[key] = _batch_child(ctx, key, table, api, folder, timeout=ctx.client_timeout(size, None) * 2)
+        ctx.log(f"  [batch] {key}: peak RSS {records[key]['peak_rss_mb']} MB, ${records[key]['cost_per_image']}/image")
+    rss_ratio = round(records["batch_large"]["peak_rss_mb"] / records["batch_small"]["peak_rss_mb"], 3)
+    cost_ratio = round(records["batch_small"]["cost_per_image"] / records["sync_small"]["cost_per_image"], 4)
+    return {
+        "description": f"Batch API mode: `imagegen run --api batch` collecting {small:,} vs {large:,} images "
+                       f"(dall-e-2 512x512 photo PNGs, ~0.7 MB base64 lines, streamed line by line), peak RSS of "
+                       "the CLI process; cost per image of the small batch vs the same table through sync.",
+        "sizes": [small, large], "clients": records, "rss_ratio": rss_ratio, "cost_ratio": cost_ratio,
+        "targets": {"batch_memory_ratio": check("batch_memory_ratio", rss_ratio),
+                    "batch_cost_ratio": check("batch_cost_ratio", cost_ratio)},
+    }
+
+
 CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "announced": case_announced,
     "hidden": case_hidden,
@@ -583,6 +645,7 @@ CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "overhead": case_overhead,
     "memory": case_memory,
     "scaleout": case_scaleout,
+    "batch": case_batch,
 }
 
 
