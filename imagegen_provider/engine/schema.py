@@ -55,6 +55,8 @@ STATUS_SUCCEEDED = "succeeded"
 STATUS_FAILED = "failed"
 COST_REPORTED = "reported"
 COST_ESTIMATED = "estimated"
+#: Charged by the bundled local gateway: play money, priced from the same table.
+COST_SIMULATED = "simulated"
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from imagegen_provider.engine import BatchRunner, PriceTable, RunConfig, finalize_output
 from imagegen_provider.engine.keys import derive_seed
+from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.engine.report import GROUP_COLUMNS, build_cost_report, plot_cost_report
 from imagegen_provider.gateway import GatewayConfig
 from imagegen_provider.wire.result import Usage
@@ -199,7 +200,8 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     # First output: p001 is paid for but cannot be stored, then regenerated: both payments belong in the report.
     blocked = first / "images" / "p001" / f"0-{derive_seed(0, 'p001', 0)}.png"
     blocked.mkdir(parents=True)
-    await run_batch(gateway, prompts=path, output=str(first), labels={"dag_id": "dag_a"}, provider="local")
+    with pytest.raises(OutputWriteError):
+        await run_batch(gateway, prompts=path, output=str(first), labels={"dag_id": "dag_a"}, provider="local")
     blocked.rmdir()
     await run_batch(gateway, prompts=path, output=str(first), labels={"dag_id": "dag_a"}, provider="local")
     # Second output: another model through another dialect and DAG, one refused prompt.

@@ -17,6 +17,7 @@ import pytest
 from imagegen_provider.engine import COLUMNS, METADATA_SCHEMA, finalize_output
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.metadata import MetadataSink
+from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.gateway import GatewayConfig
 
 from ._support import (
@@ -220,30 +221,35 @@ async def test_summary_reports_counts_cost_paths_and_duration(tmp_path, gateway)
 # -- one bad image never sinks the batch, and a paid image keeps its cost ----------------------------------
 
 
-async def test_storage_failure_fails_that_row_and_keeps_its_cost(tmp_path, gateway):
-    ids, texts = numbered(4)
+async def test_storage_failure_stops_the_run_and_keeps_the_cost_of_the_paid_image(tmp_path, gateway):
+    ids, texts = numbered(12)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     output = tmp_path / "out"
-    # A folder where p001's image must go: writing it fails (IsADirectoryError) after the image was paid for.
-    blocked = output / "images" / "p001" / f"0-{derive_seed(0, 'p001', 0)}.png"
+    # A folder where p000's image must go: writing it fails (IsADirectoryError) after the image was paid for.
+    blocked = output / "images" / "p000" / f"0-{derive_seed(0, 'p000', 0)}.png"
     blocked.mkdir(parents=True)
-    summary = await run_batch(gateway, prompts=path, output=str(output))
-    assert (summary.succeeded, summary.failed, summary.stopped_reason) == (3, 1, None)
-    assert summary.cost_usd == pytest.approx(4 * SMALL_PRICE)  # the failed image was paid for too
-    row = current(output).loc[("p001", 0)]
-    assert row["status"] == "failed"
-    assert row["error_type"] in ("IsADirectoryError", "OSError", "PermissionError")
+    with pytest.raises(OutputWriteError, match=r"refused a write \(image images/p000/.*IsADirectoryError") as raised:
+        await run_batch(gateway, prompts=path, output=str(output), max_in_flight=1)
+    summary = raised.value.summary
+    assert summary.stopped_reason.startswith("storage:")
+    # One slot: the job queued behind the failed one is dropped, never sent.
+    assert (summary.succeeded, summary.failed, summary.not_attempted) == (0, 1, 11)
+    assert summary.cost_usd == pytest.approx(SMALL_PRICE)  # the failed image was paid for
+    assert gateway.stats()["charged_images"] == 1
+    row = current(output).loc[("p000", 0)]
+    assert row["status"] == "failed" and row["error_type"] == "IsADirectoryError"
     assert row["cost_usd"] == pytest.approx(SMALL_PRICE) and row["cost_source"] == "estimated"
     assert row["request_id"] and row["attempts"] == 1
-    assert gateway.stats()["charged_images"] == 4
 
-    # Storage fixed: the rerun regenerates only that image; finalize counts both payments.
+    # Storage fixed: the rerun generates only what is not stored; finalize counts both payments of p001.
     blocked.rmdir()
+    stored = summary.succeeded
     summary = await run_batch(gateway, prompts=path, output=str(output))
-    assert (summary.succeeded, summary.skipped_existing) == (1, 3)
+    assert (summary.succeeded, summary.skipped_existing) == (12 - stored, stored)
     report = finalize_output(str(output), prompts=path)
-    assert report.complete and report.succeeded == 4
-    assert report.total_cost_usd == pytest.approx(5 * SMALL_PRICE)
+    assert report.complete and report.succeeded == 12
+    assert report.total_cost_usd == pytest.approx(13 * SMALL_PRICE)
+    assert gateway.stats()["charged_images"] == 13  # only the unstored image was paid twice
 
 
 # -- fatal errors stop dispatching at once -----------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""The cost ledger of last resort: paid rows the output refused, kept on this machine until a rerun.
+
+When the output stops taking writes (disk full, bucket gone read-only, a file where the folder should be),
+the rows of images already paid for cannot be journaled there. They go to a local JSON-lines file instead,
+under ``$IMAGEGEN_RESCUE_DIR``, else ``~/.cache/imagegen/rescue``, else the system temp folder, in a folder
+named after the output and shard. The next run of the same output and shard on this machine imports them
+into the output's metadata before sending anything, so every payment ends up on record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from imagegen_provider.engine.row import MetadataRow
+
+log = logging.getLogger(__name__)
+
+ENV_RESCUE_DIR = "IMAGEGEN_RESCUE_DIR"
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def rescue_root() -> Path:
+    """The first writable of ``$IMAGEGEN_RESCUE_DIR``, ``~/.cache/imagegen/rescue``, ``<tmp>/imagegen-rescue``."""
+    candidates = []
+    if os.environ.get(ENV_RESCUE_DIR):
+        candidates.append(Path(os.environ[ENV_RESCUE_DIR]))
+    candidates.append(Path.home() / ".cache" / "imagegen" / "rescue")
+    candidates.append(Path(tempfile.gettempdir()) / "imagegen-rescue")
+    for folder in candidates:
+        if _writable(folder):
+            return folder
+    return candidates[-1]
+
+
+class RescueLedger:
+    """Paid rows of one output shard that the output refused.
+
+    :param output_uri: the output (its URI names the folder, with a hash so that any URI is a safe name).
+    :param shard: the shard label.
+    :param run_id: names the ledger file of this run.
+    """
+
+    def __init__(self, output_uri: str, *, shard: str, run_id: str, root: Path | None = None) -> None:
+        digest = hashlib.sha256(output_uri.encode()).hexdigest()[:16]
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", output_uri)[-60:].strip("_")
+        self.folder = (root or rescue_root()) / f"{readable}-{digest}" / shard
+        self.path = self.folder / f"ledger-{re.sub(r'[^A-Za-z0-9._-]+', '_', run_id)}.jsonl"
+        self.rows = 0
+
+    def keep(self, row: MetadataRow) -> None:
+        """Append ``row`` (durably: flushed and synced, as it may be the only record of a payment)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as handle:
+            handle.write(row.to_json() + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows += 1
+
+    def pending(self) -> list[tuple[Path, list[MetadataRow]]]:
+        """Ledgers left by earlier runs of this output shard, with their rows."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for ledger in sorted(self.folder.glob("ledger-*.jsonl")):
+            rows = [MetadataRow.from_json(line) for line in ledger.read_bytes().splitlines() if line.strip()]
+            found.append((ledger, rows))
+        return found
