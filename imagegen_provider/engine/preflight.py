@@ -25,7 +25,9 @@ class PreflightError(ValueError):
 
 
 def _describe(exc: BaseException) -> str:
+    """One printable line: library messages can carry raw bytes of the file and newlines."""
     text = getattr(exc, "strerror", None) or str(exc)
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())[:300]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

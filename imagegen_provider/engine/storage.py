@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import uuid
 from collections import OrderedDict
@@ -115,7 +116,9 @@ class StorageLocation:
         try:
             with self.fs.open(temp, "wb") as handle:
                 yield handle
-            self.fs.mv(temp, path)
+            # os.replace, not fs.mv: mv moves a file *into* a folder that stands at its name, which would
+            # report an image stored that is not where its row says.
+            os.replace(temp, path)
         except BaseException:
             if self.fs.exists(temp):
                 self.fs.rm(temp)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from imagegen_provider.engine import BatchRunner, PriceTable, RunConfig, finalize_output
+from imagegen_provider.engine.budget import BlindSpending, Budget, BudgetExceeded
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.engine.report import GROUP_COLUMNS, build_cost_report, plot_cost_report
@@ -54,6 +55,51 @@ def test_price_overrides_merge_into_the_packaged_table():
         PriceTable.load(["not", "a", "mapping"])  # type: ignore[arg-type]
 
 
+def test_price_as_prices_an_alias_as_a_listed_model():
+    prices = PriceTable.load(price_as={"gw-images": "dall-e-3", "gw-tokens": "gpt-image-1"})
+    assert prices.estimate(model="gw-images", size="1024x1024", quality="hd") == 0.08
+    assert prices.cost(model="router/gw-images", size="1024x1024", quality="standard").usd == 0.04
+    assert prices.estimate(model="gw-tokens", size="1024x1024", quality="low") == pytest.approx(272 * 40.0 / 1e6)
+    with pytest.raises(ValueError, match="price_as maps 'x' to 'nothing-listed', which has no price"):
+        PriceTable.load(price_as={"x": "nothing-listed"})
+
+
+@pytest.mark.parametrize("garbage", [math.nan, -0.5, math.inf, -math.inf, "0.02", True])
+def test_unusable_reported_cost_is_ignored_for_the_list_price(garbage, caplog):
+    cost = PriceTable.load().response_cost(model="dall-e-2", size="256x256", quality=None, reported_usd=garbage)
+    assert (cost.usd, cost.source) == (SMALL_PRICE, "estimated")
+    assert "unusable cost" in caplog.text
+
+
+def test_response_cost_covers_every_image_a_response_carried():
+    prices = PriceTable.load()
+    assert prices.response_cost(model="dall-e-2", size="256x256", quality=None, images=4).usd == 4 * SMALL_PRICE
+    assert prices.response_cost(model="dall-e-2", size="256x256", quality=None, reported_usd=0.3, images=4).usd == 0.3
+    negative = Usage(input_tokens=-10**9, output_tokens=0, input_text_tokens=-10**9, output_image_tokens=0)
+    # Negative token counts make no cost (the budget then counts the estimate), never a refund.
+    assert prices.response_cost(model="gpt-image-1", size=None, quality=None, usage=negative).usd is None
+
+
+def test_budget_counts_unknown_costs_at_the_estimate_and_refuses_blind_spending():
+    budget = Budget(limit=1.0)
+    assert budget.must_wait(0.1)  # the first request of a limited run goes alone
+    first = budget.admit(0.1)
+    budget.settle(first, [None], returned=1, requested=1)
+    assert budget.spent == pytest.approx(0.1) and not budget.must_wait(0.1)
+    over = budget.admit(0.1)
+    budget.settle(over, [0.2], returned=2, requested=1)  # two images for one: the next is expected at double
+    assert budget.inflation == 2 and budget.expected(0.1) == pytest.approx(0.2)
+    with pytest.raises(BudgetExceeded, match="would exceed max_cost_usd"):
+        for _ in range(10):
+            budget.admit(0.1)
+    blind = Budget(limit=1.0)
+    with pytest.raises(BlindSpending, match="cannot be enforced"):
+        blind.settle(blind.admit(None), [math.nan], returned=1, requested=1)
+    assert Budget().admit(None).usd == 0.0  # no limit: nothing to enforce, costs still counted when known
+    with pytest.raises(ValueError, match="finite"):
+        Budget(limit=math.nan)
+
+
 # -- cost of real responses --------------------------------------------------------------------------------
 
 
@@ -62,10 +108,11 @@ async def test_reported_cost_wins(tmp_path, gateway):
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"), dialect="indoxhub")
     rows = current(tmp_path / "out")
-    # The gateway reports $0.02 for dall-e-2 at any size; the list price of 256x256 is $0.016.
+    # What the gateway reports is what the rows record, whatever its own price table says.
     assert set(rows["cost_source"]) == {"reported"}
-    assert list(rows["cost_usd"]) == [0.02, 0.02]
-    assert summary.cost_usd == pytest.approx(0.04) == gateway.stats()["spent_usd"]
+    spent = gateway.stats()["spent_usd"]
+    assert spent > 0 and list(rows["cost_usd"]) == [pytest.approx(spent / 2)] * 2
+    assert summary.cost_usd == pytest.approx(spent)
 
 
 async def test_token_priced_model_cost_from_usage(tmp_path, gateway):

@@ -3,7 +3,9 @@ progress, summary, per-image failures and fatal errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import logging
 import re
 import uuid
@@ -14,11 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagegen_provider.engine import COLUMNS, METADATA_SCHEMA, finalize_output
+from imagegen_provider.engine import COLUMNS, METADATA_SCHEMA, BatchRunner, RunConfig, finalize_output
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.metadata import MetadataSink
 from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.gateway import GatewayConfig
+from imagegen_provider.transport.client import ImageGenClient
 
 from ._support import (
     SMALL,
@@ -27,6 +30,7 @@ from ._support import (
     current,
     history,
     image_files,
+    make_client,
     numbered,
     run_batch,
     write_prompts,
@@ -326,3 +330,87 @@ async def test_s3_prompts_and_output_with_resume(tmp_path, gateway, s3_server):
                              output_storage_options=options, prompts_storage_options=options)
     assert report.complete and report.succeeded == 10
     assert fs.exists(f"{base}/out/metadata.parquet") and fs.exists(f"{base}/out/run_summary.json")
+
+
+# -- every failure inside an image task is a row -----------------------------------------------------------
+
+
+async def test_an_exception_in_a_stage_fails_its_row_with_the_cost_already_incurred(tmp_path, gateway, monkeypatch):
+    ids, texts = numbered(4)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    original = BatchRunner._succeed
+
+    def flaky_succeed(self, row, file_name, image):
+        if row.prompt_id == "p001":
+            raise RuntimeError("a bug in a stage")
+        return original(self, row, file_name, image)
+
+    monkeypatch.setattr(BatchRunner, "_succeed", flaky_succeed)
+    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"))
+    assert (summary.succeeded, summary.failed, summary.stopped_reason) == (3, 1, None)
+    row = current(tmp_path / "out").loc[("p001", 0)]
+    assert (row["status"], row["error_type"], row["attempts"]) == ("failed", "RuntimeError", 1)
+    assert "a bug in a stage" in row["error_message"]
+    assert row["cost_usd"] == pytest.approx(SMALL_PRICE)  # it was paid before the stage failed
+    assert summary.cost_usd == pytest.approx(4 * SMALL_PRICE)
+
+
+async def test_an_unexpected_client_exception_fails_only_its_row(tmp_path, gateway, monkeypatch):
+    ids, texts = numbered(3)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    original = ImageGenClient.generate
+
+    async def generate(self, request):
+        if request.prompt == texts[1]:
+            raise ValueError("unexpected")
+        return await original(self, request)
+
+    monkeypatch.setattr(ImageGenClient, "generate", generate)
+    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"))
+    assert (summary.succeeded, summary.failed) == (2, 1)
+    row = current(tmp_path / "out").loc[("p001", 0)]
+    assert (row["error_type"], row["error_message"], row["attempts"]) == ("ValueError", "ValueError: unexpected", 1)
+
+
+# -- stopping on request -----------------------------------------------------------------------------------
+
+
+async def test_request_stop_from_another_thread_cancels_in_flight_and_sends_nothing_new(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(latency=(3, 3)))
+    ids, texts = numbered(10)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    output = tmp_path / "out"
+    config = RunConfig(prompts=path, output=str(output), request_defaults=SMALL, stop_grace_seconds=0)
+    async with make_client(gateway, max_in_flight=2) as client:
+        runner = BatchRunner(config, client=client)
+        task = asyncio.create_task(runner.run())
+        for _ in range(2000):
+            if gateway.stats()["generation_requests"]:
+                break
+            await asyncio.sleep(0.01)
+        sent = gateway.stats()["generation_requests"]
+        assert sent >= 1
+        stopper = threading.Thread(target=runner.request_stop, args=("operator on_kill",))
+        stopper.start()
+        summary = await asyncio.wait_for(task, 60)
+        stopper.join()
+    assert summary.stopped_reason == "stop requested: operator on_kill"
+    assert gateway.stats()["generation_requests"] == sent
+    rows = history(output)
+    # Every request that had entered the client is on record as cancelled (one may not have reached the
+    # gateway yet: its row still says it may have been charged, the safe assumption).
+    assert sent <= len(rows) <= 2 and set(rows["error_type"]) == {"StopCancelled"}
+    assert "may have charged it" in rows["error_message"].iloc[0]
+    assert summary.not_attempted == 10 - len(rows)
+    assert not (output / "metadata" / "_leases" / "all.json").exists()  # the lease was released
+
+
+async def test_request_stop_before_the_run_sends_nothing(tmp_path, gateway):
+    ids, texts = numbered(3)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    async with make_client(gateway) as client:
+        runner = BatchRunner(RunConfig(prompts=path, output=str(tmp_path / "out"), request_defaults=SMALL), client=client)
+        runner.request_stop("shutting down")
+        summary = await runner.run()
+    assert summary.stopped_reason == "stop requested: shutting down" and summary.not_attempted == 3
+    assert gateway.stats()["generation_requests"] == 0

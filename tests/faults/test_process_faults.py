@@ -51,8 +51,9 @@ def test_sigterm_stops_dispatch_flushes_and_the_rerun_pays_nothing_twice(tmp_pat
 
 
 def test_second_writer_on_the_same_output_fails_fast_naming_the_first(tmp_path, hostile, rescue_dir):
-    hostile.hostility.latency = 0.3
-    table, output = prompts(tmp_path, 12), tmp_path / "out"
+    # Slow enough (about 10 s in all) that the first is still running when the second has started and given up.
+    hostile.hostility.latency = 2.0
+    table, output = prompts(tmp_path, 8), tmp_path / "out"
     args = ["run", table, str(output), "--base-url", hostile.base_url, *SMALL_ARGS, "--max-in-flight", "2"]
     first = cli(*args)
     _wait_for_requests(hostile, 1, first)
@@ -68,10 +69,10 @@ def test_second_writer_on_the_same_output_fails_fast_naming_the_first(tmp_path, 
     assert len(errors) == 1 and "is being written by run" in errors[0] and f"(pid {first.pid})" in errors[0]
     assert "Traceback" not in text
     assert first.returncode == 0, first_err.decode()[-3000:]
-    assert hostile.ledger.charged_twice() == [] and hostile.ledger.charged_requests == 12
+    assert hostile.ledger.charged_twice() == [] and hostile.ledger.charged_requests == 8
 
     # The lease was released: a third run starts, finds everything stored and pays nothing.
     third = cli(*args)
     _out, err = third.communicate(timeout=60)
     assert third.returncode == 0, err.decode()[-3000:]
-    assert hostile.ledger.charged_requests == 12
+    assert hostile.ledger.charged_requests == 8
