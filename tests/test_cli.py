@@ -78,7 +78,9 @@ def test_json_summary(tmp_path, capsys):
     assert result["dataset"]["complete"] is True and result["dataset"]["succeeded"] == 2
 
 
-def test_api_key_comes_from_the_environment_and_is_never_printed(tmp_path, capsys, caplog, gateway_factory, monkeypatch):
+def test_api_key_comes_from_the_environment_and_is_never_printed(
+    tmp_path, capsys, caplog, gateway_factory, monkeypatch
+):
     gateway = gateway_factory(GatewayConfig(api_key=SECRET))
     prompts = _prompts(tmp_path, ["a lake", "a cliff"])
     base = ["--base-url", f"{gateway.base_url}/v1", *SMALL_ARGS, "--max-in-flight", "2"]
@@ -163,7 +165,7 @@ def test_custom_columns_on_every_command(tmp_path, capsys):
 def test_unusable_table_is_an_error_naming_the_column(tmp_path, capsys):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", "y"]}), path)
-    code, out, err = _run(capsys, "run", str(path), str(tmp_path / "out"), *SMALL_ARGS)
+    code, _out, err = _run(capsys, "run", str(path), str(tmp_path / "out"), *SMALL_ARGS)
     assert code == 2 and "duplicate id 'a' in column 'id'" in err and "row 1" in err
 
 

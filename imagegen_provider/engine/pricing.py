@@ -215,5 +215,5 @@ class PriceTable:
             by_quality = self._output_tokens.get(size or _DEFAULT_SIZE) or self._output_tokens[_DEFAULT_SIZE]
             tokens = by_quality.get(quality if quality in by_quality else "high")
             rates = self._per_token[key]
-            return (math.ceil(prompt_chars / 4) * rates["input_text"] + tokens * rates["output_image"]) / 1_000_000
+            return float(math.ceil(prompt_chars / 4) * rates["input_text"] + tokens * rates["output_image"]) / 1_000_000
         return self._per_image_price(model, size, quality)

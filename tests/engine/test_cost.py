@@ -13,8 +13,8 @@ from PIL import Image
 from imagegen_provider.engine import BatchRunner, PriceTable, RunConfig, finalize_output
 from imagegen_provider.engine.budget import BlindSpending, Budget, BudgetExceeded
 from imagegen_provider.engine.keys import derive_seed
-from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.engine.report import GROUP_COLUMNS, build_cost_report, plot_cost_report
+from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.gateway import GatewayConfig
 from imagegen_provider.wire.result import Usage
 
@@ -121,7 +121,7 @@ async def test_token_priced_model_cost_from_usage(tmp_path, gateway):
     defaults = {"model": "gpt-image-1", "quality": "low", "size": "1024x1024"}
     await run_batch(gateway, prompts=path, output=str(tmp_path / "out"), request_defaults=defaults)
     rows = current(tmp_path / "out")
-    for pid, text in zip(["a", "b"], texts):
+    for pid, text in zip(["a", "b"], texts, strict=True):
         row = rows.loc[(pid, 0)]
         assert row["status"] == "succeeded" and row["cost_source"] == "estimated"
         assert (row["input_tokens"], row["output_tokens"]) == (math.ceil(len(text) / 4), 272)

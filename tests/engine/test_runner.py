@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import logging
 import re
+import threading
 import uuid
 
 import duckdb
@@ -127,7 +127,7 @@ async def test_metadata_reads_with_pandas_and_duckdb_in_the_public_schema(tmp_pa
     assert (count, succeeded) == (10, 6)
     assert cost == pytest.approx(6 * SMALL_PRICE)
     relation = duckdb.sql(f"select * from read_parquet('{glob}')")
-    types = dict(zip(relation.columns, map(str, relation.types)))
+    types = dict(zip(relation.columns, map(str, relation.types), strict=True))
     assert list(relation.columns) == list(COLUMNS)
     assert types["image_index"] == "INTEGER" and types["seed"] == "BIGINT"
     assert types["finished_at"] == "TIMESTAMP WITH TIME ZONE" and types["cost_usd"] == "DOUBLE"
@@ -210,7 +210,8 @@ async def test_summary_reports_counts_cost_paths_and_duration(tmp_path, gateway)
     data = summary.to_dict()
     json.dumps(data)  # small and plain: fits XCom
     assert data["run_id"] == "run-x"
-    assert (data["total_images"], data["succeeded"], data["failed"], data["skipped_existing"], data["not_attempted"]) == (
+    counts = ("total_images", "succeeded", "failed", "skipped_existing", "not_attempted")
+    assert tuple(data[name] for name in counts) == (
         8, 6, 2, 0, 0
     )
     assert data["cost_usd"] == pytest.approx(6 * SMALL_PRICE)
@@ -409,7 +410,8 @@ async def test_request_stop_before_the_run_sends_nothing(tmp_path, gateway):
     ids, texts = numbered(3)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     async with make_client(gateway) as client:
-        runner = BatchRunner(RunConfig(prompts=path, output=str(tmp_path / "out"), request_defaults=SMALL), client=client)
+        config = RunConfig(prompts=path, output=str(tmp_path / "out"), request_defaults=SMALL)
+        runner = BatchRunner(config, client=client)
         runner.request_stop("shutting down")
         summary = await runner.run()
     assert summary.stopped_reason == "stop requested: shutting down" and summary.not_attempted == 3

@@ -25,7 +25,9 @@ def _run_json(capsys, *argv: str) -> tuple[int, dict, str]:
     return code, (json.loads(captured.out) if captured.out.strip() else {}), captured.err
 
 
-@pytest.mark.parametrize("cost", ["NaN", -5, "free", "1e309", "-0.5"], ids=["nan", "negative", "string", "inf", "neg-str"])
+@pytest.mark.parametrize(
+    "cost", ["NaN", -5, "free", "1e309", "-0.5"], ids=["nan", "negative", "string", "inf", "negative-string"]
+)
 def test_garbage_cost_is_counted_at_the_list_price_and_the_budget_holds(tmp_path, hostile, capsys, rescue_dir, cost):
     hostile.hostility.cost = cost
     output = tmp_path / "out"

@@ -61,7 +61,7 @@ def test_second_writer_on_the_same_output_fails_fast_naming_the_first(tmp_path, 
     _out, err = second.communicate(timeout=60)
     text = err.decode()
     assert first.poll() is None  # the first was still running when the second gave up
-    first_out, first_err = first.communicate(timeout=120)
+    _first_out, first_err = first.communicate(timeout=120)
     report("two writers on one output", paid=hostile.ledger.charged_requests, stored=stored_images(output),
            recorded=recorded_rows(output, rescue_dir), exit_first=first.returncode, exit_second=second.returncode)
     assert second.returncode == 2, text[-3000:]
