@@ -5,6 +5,11 @@ the rows of images already paid for cannot be journaled there. They go to a loca
 under ``$IMAGEGEN_RESCUE_DIR``, else ``~/.cache/imagegen/rescue``, else the system temp folder, in a folder
 named after the output and shard. The next run of the same output and shard on this machine imports them
 into the output's metadata before sending anything, so every payment ends up on record.
+
+Images that were paid for but could not be stored are kept there too, with the row they would have had.
+The import stores them and records that row: the same attempt (same run id and ``finished_at``) as the
+failed row on record, which it supersedes (a success wins a tie) without counting its cost twice (cost
+sums de-duplicate on run id, prompt id, image index and ``finished_at``). So the rerun pays for none of them.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class RescueLedger:
         self.folder = (root or rescue_root()) / f"{readable}-{digest}" / shard
         self.path = self.folder / f"ledger-{re.sub(r'[^A-Za-z0-9._-]+', '_', run_id)}.jsonl"
         self.rows = 0
+        self.images = 0
 
     def keep(self, row: MetadataRow) -> None:
         """Append ``row`` (durably: flushed and synced, as it may be the only record of a payment)."""
@@ -71,12 +77,41 @@ class RescueLedger:
             os.fsync(handle.fileno())
         self.rows += 1
 
-    def pending(self) -> list[tuple[Path, list[MetadataRow]]]:
-        """Ledgers left by earlier runs of this output shard, with their rows."""
+    def keep_image(self, row: MetadataRow, data: bytes) -> None:
+        """Keep an image the output refused, with its ``row`` (as it reads once the image is stored)."""
+        assert row.file_name is not None
+        target = self.folder / "images" / row.file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with open(self.stored_path, "ab") as handle:
+            handle.write(row.to_json() + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.images += 1
+
+    @property
+    def stored_path(self) -> Path:
+        return self.path.with_name(self.path.name.replace("ledger-", "images-", 1))
+
+    def image_of(self, row: MetadataRow) -> Path:
+        assert row.file_name is not None
+        return self.folder / "images" / row.file_name
+
+    def pending(self, kind: str = "ledger") -> list[tuple[Path, list[MetadataRow]]]:
+        """Files of ``kind`` (``ledger``: rows; ``images``: rows of kept images) left by earlier runs."""
         if not self.folder.is_dir():
             return []
         found = []
-        for ledger in sorted(self.folder.glob("ledger-*.jsonl")):
-            rows = [MetadataRow.from_json(line) for line in ledger.read_bytes().splitlines() if line.strip()]
+        for ledger in sorted(self.folder.glob(f"{kind}-*.jsonl")):
+            rows = []
+            for line in ledger.read_bytes().splitlines():
+                try:
+                    rows.append(MetadataRow.from_json(line))
+                except (ValueError, TypeError):
+                    # The last line of a run killed mid-write: its image is paid again, nothing worse.
+                    log.warning("Skipping an unreadable line of %s", ledger)
             found.append((ledger, rows))
         return found

@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -405,13 +405,31 @@ class BatchRunner:
         return progress
 
     async def _import_rescued(self, sink: MetadataSink) -> None:
-        """Put the rows an earlier run could not record (see :mod:`.rescue`) on record in the output."""
-        for ledger, rows in await asyncio.to_thread(self.rescue.pending):
+        """Put what an earlier run could not write (see :mod:`.rescue`) into the output: the rows it could not
+        record, then the images it could not store, each followed by its row."""
+        for ledger, rows in await asyncio.to_thread(self.rescue.pending, "ledger"):
             for row in rows:
                 await sink.add(row.to_dict())
             await sink.flush()
             await asyncio.to_thread(ledger.unlink)
             log.warning("Imported %d paid rows an earlier run could not record, from %s", len(rows), ledger)
+        for ledger, rows in await asyncio.to_thread(self.rescue.pending, "images"):
+            restored = [row for row in rows if await asyncio.to_thread(self._restore_image, row)]
+            for row in restored:
+                await sink.add(row.to_dict())
+            await sink.flush()
+            await asyncio.to_thread(ledger.unlink)
+            log.warning("Stored %d paid images an earlier run could not store, from %s", len(restored), ledger)
+
+    def _restore_image(self, row: MetadataRow) -> bool:
+        kept = self.rescue.image_of(row)
+        if not kept.is_file():
+            log.warning("Kept image %s is gone: it will be generated (and paid) again", kept)
+            return False
+        assert row.file_name is not None
+        self.output.write_bytes(row.file_name, kept.read_bytes(), atomic=True)
+        kept.unlink()
+        return True
 
     async def _dispatch(self, table: PromptTable, state: ResumeState, sink: MetadataSink, progress: Progress) -> None:
         assert self.client is not None
@@ -489,21 +507,28 @@ class BatchRunner:
                 self.budget.release(reservation)
                 return
             row = self._new_row(job)
+            unstored: tuple[str, VerifiedImage] | None = None
             try:
-                await self._attempt(job, job.request, reservation, row)
+                unstored = await self._attempt(job, job.request, reservation, row)
             except Exception as exc:
                 # A failure in a stage of ours costs one row, never the run or the record of a payment.
                 log.exception("Image %s/%d failed", job.row.prompt_id, job.image_index)
                 row.fail(error_type=type(exc).__name__, message=self._redact(_describe(exc)))
                 self._count_failure(row)
             await self._record(row, sink, progress)
+            if unstored is not None:
+                await asyncio.to_thread(self._rescue_image, row, *unstored)
 
-    async def _attempt(self, job: ImageJob, request: ImageRequest, reservation: Reservation, row: MetadataRow) -> None:
+    async def _attempt(
+        self, job: ImageJob, request: ImageRequest, reservation: Reservation, row: MetadataRow
+    ) -> tuple[str, VerifiedImage] | None:
+        """Call, cost and store one image; returns the image the output refused (paid, kept for the rescue)."""
         outcome = await self._call_gateway(request)
         cost = self._settle(request, outcome, reservation)
         self._apply_outcome(row, request, outcome, cost)
         if outcome.error is None and outcome.generation is not None:
-            await self._store(job, request, outcome.generation, row)
+            return await self._store(job, request, outcome.generation, row)
+        return None
 
     async def _call_gateway(self, request: ImageRequest) -> ClientOutcome:
         """Turn one ``generate`` call into a :class:`ClientOutcome`: the only stage that knows the client API.
@@ -577,11 +602,13 @@ class BatchRunner:
         if isinstance(error, ImageGenError) and error.fatal:
             self._stop(f"fatal gateway error: {row.error_message}", halt=True)
 
-    async def _store(self, job: ImageJob, request: ImageRequest, generation: Generation, row: MetadataRow) -> None:
+    async def _store(
+        self, job: ImageJob, request: ImageRequest, generation: Generation, row: MetadataRow
+    ) -> tuple[str, VerifiedImage] | None:
         if not generation.images:
             row.fail(error_type="MalformedResponseError", message="the gateway returned no image")
             self._count_failure(row)
-            return
+            return None
         image = generation.images[0]
         self._note_extra_images(job, len(generation.images) - request.n)
         file_name = image_file_name(job.row.prompt_id, job.image_index, job.seed, image.info.extension)
@@ -592,8 +619,9 @@ class BatchRunner:
             self._storage_failed(f"image {file_name}", exc)
             row.fail(error_type=type(exc).__name__, message=self._redact(f"storing {file_name}: {_describe(exc)}"))
             self._count_failure(row)
-            return
+            return file_name, image
         self._succeed(row, file_name, image)
+        return None
 
     def _succeed(self, row: MetadataRow, file_name: str, image: VerifiedImage) -> None:
         row.status = STATUS_SUCCEEDED
@@ -631,6 +659,15 @@ class BatchRunner:
             self._unflushed += 1
             await self._maybe_flush(sink)
         progress.record(row.succeeded, row.cost_usd)
+
+    def _rescue_image(self, failed: MetadataRow, file_name: str, image: VerifiedImage) -> None:
+        """Keep a paid image the output refused, with the row that supersedes ``failed`` once it is stored."""
+        stored = replace(failed, status=None, error_type=None, error_message=None, http_status=None)
+        self._succeed(stored, file_name, image)
+        try:
+            self.rescue.keep_image(stored, image.data)
+        except OSError as exc:
+            log.error("Paid image %s could not be kept (%s): the rerun pays for it again", file_name, _describe(exc))
 
     def _rescue_row(self, row: MetadataRow) -> None:
         try:
@@ -747,6 +784,11 @@ class BatchRunner:
             if self.rescue.rows
             else "every paid row is on record in the output"
         )
+        if self.rescue.images:
+            kept += (
+                f"; {self.rescue.images} paid image(s) it could not store were kept in {self.rescue.folder} "
+                "(stored by that run, not paid again)"
+            )
         return (
             f"{self._storage_error}: stopped dispatching after {summary.succeeded} stored and {summary.failed} "
             f"failed image(s), cost ${summary.cost_usd:.4f}; {kept}; rerun once the output is writable "

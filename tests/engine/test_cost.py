@@ -23,6 +23,12 @@ from ._support import SMALL, SMALL_PRICE, current, history, numbered, run_batch,
 B64 = {"response_format": "b64_json"}
 
 
+@pytest.fixture(autouse=True)
+def _rescue_in_tmp(tmp_path, monkeypatch):
+    """Rescue folders of these tests stay in their tmp folder, never in ~/.cache."""
+    monkeypatch.setenv("IMAGEGEN_RESCUE_DIR", str(tmp_path / "rescue"))
+
+
 # -- the price table ---------------------------------------------------------------------------------------
 
 
@@ -244,7 +250,8 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     ids, texts = numbered(3)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     first, second = tmp_path / "first", tmp_path / "second"
-    # First output: p001 is paid for but cannot be stored, then regenerated: both payments belong in the report.
+    # First output: p001 is paid for but cannot be stored; it is kept in the rescue folder and stored by the
+    # rerun: one payment, one success.
     blocked = first / "images" / "p001" / f"0-{derive_seed(0, 'p001', 0)}.png"
     blocked.mkdir(parents=True)
     with pytest.raises(OutputWriteError):
@@ -264,15 +271,17 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     assert len(a) == 1
     a = a.iloc[0]
     assert (a["model"], a["provider"]) == ("dall-e-2", "local")
-    assert (a["images_succeeded"], a["images_failed"]) == (3, 1)
-    assert a["cost_usd"] == pytest.approx(4 * SMALL_PRICE)  # 3 stored + 1 paid but lost
+    assert (a["images_succeeded"], a["images_failed"]) == (3, 0)
+    assert a["cost_usd"] == pytest.approx(3 * SMALL_PRICE)
     b = report[report["dag_id"] == "dag_b"].set_index("provider")
     # The gateway names the provider of a generated image; the refused one never got that far.
     assert sorted(b.index) == ["openai", "unknown"]
     assert (b.loc["openai", "images_succeeded"], b.loc["openai", "cost_usd"]) == (1, 0.02)
     assert (b.loc["unknown", "images_failed"], b.loc["unknown", "cost_usd"]) == (1, 0.0)
     histories = pd.concat([history(first), history(second)])
-    assert report["cost_usd"].sum() == pytest.approx(histories["cost_usd"].sum())
+    # One attempt, one payment: the stored rescued image supersedes its failed row (same run and finish time).
+    attempts = histories.drop_duplicates(["run_id", "prompt_id", "image_index", "finished_at"])
+    assert report["cost_usd"].sum() == pytest.approx(attempts["cost_usd"].sum())
 
     png = plot_cost_report(report, str(tmp_path / "cost.png"))
     with Image.open(png) as image:

@@ -226,6 +226,12 @@ async def test_summary_reports_counts_cost_paths_and_duration(tmp_path, gateway)
 # -- one bad image never sinks the batch, and a paid image keeps its cost ----------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _rescue_in_tmp(tmp_path, monkeypatch):
+    """Rescue folders of these tests stay in their tmp folder, never in ~/.cache."""
+    monkeypatch.setenv("IMAGEGEN_RESCUE_DIR", str(tmp_path / "rescue"))
+
+
 async def test_storage_failure_stops_the_run_and_keeps_the_cost_of_the_paid_image(tmp_path, gateway):
     ids, texts = numbered(12)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
@@ -246,15 +252,17 @@ async def test_storage_failure_stops_the_run_and_keeps_the_cost_of_the_paid_imag
     assert row["cost_usd"] == pytest.approx(SMALL_PRICE) and row["cost_source"] == "estimated"
     assert row["request_id"] and row["attempts"] == 1
 
-    # Storage fixed: the rerun generates only what is not stored; finalize counts both payments of p001.
+    # The paid image was kept in the rescue folder: once storage is fixed, the rerun stores it first, then
+    # generates only the rest. Nothing is paid twice, and its cost is counted once.
+    assert "kept in" in str(raised.value) and "not paid again" in str(raised.value)
     blocked.rmdir()
-    stored = summary.succeeded
     summary = await run_batch(gateway, prompts=path, output=str(output))
-    assert (summary.succeeded, summary.skipped_existing) == (12 - stored, stored)
+    assert (summary.succeeded, summary.skipped_existing) == (11, 1)
+    assert current(output).loc[("p000", 0), "status"] == "succeeded"
     report = finalize_output(str(output), prompts=path)
     assert report.complete and report.succeeded == 12
-    assert report.total_cost_usd == pytest.approx(13 * SMALL_PRICE)
-    assert gateway.stats()["charged_images"] == 13  # only the unstored image was paid twice
+    assert report.total_cost_usd == pytest.approx(12 * SMALL_PRICE)
+    assert gateway.stats()["charged_images"] == 12
 
 
 # -- fatal errors stop dispatching at once -----------------------------------------------------------------

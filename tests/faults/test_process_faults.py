@@ -118,7 +118,8 @@ def test_output_turning_read_only_mid_run_stops_and_keeps_the_ledger(tmp_path, h
         report("read-only mid-run: rerun", paid=hostile.ledger.charged_requests, stored=stored_images(output),
                recorded=recorded_rows(output, rescue_dir), exit=rerun.returncode)
         assert rerun.returncode == 0, err.decode()[-3000:]
-        assert hostile.ledger.charged_requests == 24 + (paid - stored)
+        assert hostile.ledger.charged_requests == 24 and hostile.ledger.charged_twice() == []
+        assert stored_images(output) == 24
         assert not ledger.exists()  # imported into the output's metadata
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -1,12 +1,14 @@
 """The output refuses writes: a file where the folder should be, a read-only folder, a disk that fills up
 mid-run. Nothing is paid before the output proved writable; once it refuses a write, dispatch stops, the
 paid rows it refused go to the rescue ledger named in the one error line, and the rerun completes paying
-again only for the images that were paid but could not be stored (at most max_in_flight)."""
+nothing twice: the images that were paid but could not be stored (at most max_in_flight) were kept in the
+rescue folder and the rerun stores them."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from imagegen_provider.cli import main
 from imagegen_provider.engine.storage import StorageLocation
 
-from .conftest import SMALL_ARGS, prompts, recorded_rows, report, stored_images
+from .conftest import SMALL_ARGS, SMALL_PRICE, prompts, recorded_rows, report, stored_images
 
 IS_ROOT = os.geteuid() == 0
 
@@ -74,6 +76,7 @@ def _check_full_disk_run(code: int, err: str, paid: int, stored: int, output: Pa
     assert 0 < paid < 40  # stopped dispatching
     assert paid - stored <= 4  # paid but not stored: at most max_in_flight
     assert recorded_rows(output, rescue_dir) == paid  # every payment is on record, in the output or the ledger
+    assert "kept in" in lines[0] and "not paid again" in lines[0]
     if "saved to" in lines[0]:
         ledger = lines[0].split("saved to ", 1)[1].split(" and are imported", 1)[0]
         assert Path(ledger).is_file() and Path(ledger).is_relative_to(rescue_dir)
@@ -81,10 +84,14 @@ def _check_full_disk_run(code: int, err: str, paid: int, stored: int, output: Pa
 
 def _check_rerun(hostile, output: Path, first_paid: int, first_stored: int, code: int) -> None:
     assert code == 0
-    # The rerun paid for the images not stored, no more: nothing stored was paid twice.
-    assert hostile.ledger.charged_requests == 40 + (first_paid - first_stored)
-    assert len(hostile.ledger.charged_twice()) == first_paid - first_stored
+    # The images paid but not stored were kept in the rescue folder and stored by the rerun: nothing was paid
+    # twice, and the dataset's cost counts each payment once.
+    assert first_paid > first_stored
+    assert hostile.ledger.charged_requests == 40 and hostile.ledger.charged_twice() == []
     assert stored_images(output) == 40
+    summary = json.loads((output / "run_summary.json").read_text())
+    assert summary["complete"] and summary["succeeded"] == 40
+    assert summary["total_cost_usd"] == pytest.approx(40 * SMALL_PRICE)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a 2 MB tmpfs needs root (see the in-process ENOSPC case)")
