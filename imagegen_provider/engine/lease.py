@@ -82,7 +82,10 @@ class LeaseInfo:
     def parse(cls, data: bytes) -> LeaseInfo | None:
         try:
             values = json.loads(data)
-            return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+            info = cls(**{name: values[name] for name in cls.__dataclass_fields__})
+            info.age()  # a heartbeat that is not a timestamp cannot say whether its holder lives
+            float(info.stale_after)
+            return info
         except (ValueError, KeyError, TypeError):
             # A half-written or foreign object: treated as no lease (it cannot name a live holder).
             return None

@@ -91,3 +91,15 @@ def test_lease_on_s3_uses_a_conditional_put(s3_server):
     assert [info.run_id for info in live_leases(url, options)] == ["run-s3-a"]
     first.release()
     assert live_leases(url, options) == []
+
+
+def test_unreadable_lease_object_names_no_holder(tmp_path):
+    output = StorageLocation.from_url(str(tmp_path / "out"))
+    for garbage in (b"", b"{not json", json.dumps({"run_id": "x"}).encode(), json.dumps(
+        {"shard": "all", "run_id": "x", "host": "h", "pid": 1, "since": "s", "heartbeat": "yesterday",
+         "stale_after": 120, "token": "t"}).encode()):
+        output.write_bytes("metadata/_leases/all.json", garbage)
+        assert live_leases(str(tmp_path / "out")) == []
+        lease = _lease(output)
+        lease.acquire()  # a half-written or foreign object is taken over
+        lease.release()
