@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 from imagegen_provider.engine.storage import StorageLocation
 
+_CHECK_BATCH_ROWS = 8192
+
 
 class PreflightError(ValueError):
     """The run cannot start; the message names the setting, the table or the output at fault."""
@@ -91,6 +93,15 @@ def _row_groups(metadata: pq.FileMetaData, start: int, stop: int | None) -> list
     return groups
 
 
+def _read_row_group(parquet: pq.ParquetFile, index: int, columns: list[str], *, where: str) -> None:
+    try:
+        # Batch by batch: memory stays bounded by a batch, not by a (possibly huge) row group.
+        for _batch in parquet.iter_batches(batch_size=_CHECK_BATCH_ROWS, row_groups=[index], columns=columns):
+            pass
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise PreflightError(f"{where} is unreadable ({_describe(exc)}); nothing was sent") from None
+
+
 def check_table_readable(
     url: Any, *, columns: list[str], start: int = 0, stop: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -107,13 +118,8 @@ def check_table_readable(
                     group.column(column).statistics  # noqa: B018 - decoding them is the check
             wanted = [c for c in columns if c in parquet.schema_arrow.names]
             for index, first, end in _row_groups(metadata, start, stop):
-                try:
-                    parquet.read_row_group(index, columns=wanted)
-                except (pa.ArrowException, OSError, ValueError) as exc:
-                    raise PreflightError(
-                        f"prompt table {url}: row group {index} (rows {first}-{end - 1}) is unreadable "
-                        f"({_describe(exc)}); nothing was sent"
-                    ) from None
+                _read_row_group(parquet, index, wanted, where=f"prompt table {url}: row group {index} "
+                                f"(rows {first}-{end - 1})")
     except PreflightError:
         raise
     except FileNotFoundError:
