@@ -424,3 +424,23 @@ async def test_request_stop_before_the_run_sends_nothing(tmp_path, gateway):
         summary = await runner.run()
     assert summary.stopped_reason == "stop requested: shutting down" and summary.not_attempted == 3
     assert gateway.stats()["generation_requests"] == 0
+
+
+async def test_a_second_stop_request_cancels_at_once(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(latency=(3, 3)))
+    ids, texts = numbered(4)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    config = RunConfig(prompts=path, output=str(tmp_path / "out"), request_defaults=SMALL, stop_grace_seconds=600)
+    async with make_client(gateway, max_in_flight=1) as client:
+        runner = BatchRunner(config, client=client)
+        task = asyncio.create_task(runner.run())
+        for _ in range(2000):
+            if gateway.stats()["generation_requests"]:
+                break
+            await asyncio.sleep(0.01)
+        runner.request_stop("first signal")  # grace: the request in flight may finish (600 s here)
+        runner.request_stop("second signal")  # no more patience: cancel it
+        summary = await asyncio.wait_for(task, 60)
+    assert summary.stopped_reason == "stop requested: first signal"
+    rows = history(tmp_path / "out")
+    assert list(rows["error_type"]) == ["StopCancelled"] and gateway.stats()["generation_requests"] == 1
