@@ -6,8 +6,10 @@ fast, naming the holder. A holder that died (SIGKILL, lost machine) stops heartb
 after ``stale_after`` seconds and the next run takes over.
 
 Creation is atomic where the store allows it: ``O_CREAT | O_EXCL`` on a local filesystem, a conditional PUT
-(``If-None-Match: *``, s3fs's ``mode="create"``) on S3. Other stores get write-then-read-back with a unique
-token, which narrows the race (two writers starting within the same round trip) without closing it.
+(``If-None-Match: *``, s3fs's ``pipe_file(mode="create")``) on S3. Other fsspec filesystems get the same
+``mode="create"``, which fsspec implements as check-then-write where the backend has nothing better; an fsspec
+too old for ``mode`` gets write-then-read-back with a unique token. Both narrow the race (two writers starting
+within the same round trip) without closing it.
 """
 
 from __future__ import annotations

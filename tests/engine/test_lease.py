@@ -103,3 +103,13 @@ def test_unreadable_lease_object_names_no_holder(tmp_path):
         lease = _lease(output)
         lease.acquire()  # a half-written or foreign object is taken over
         lease.release()
+
+
+def test_lease_on_an_fsspec_memory_filesystem():
+    url = f"memory://lease-{uuid.uuid4().hex}"
+    first = _lease(StorageLocation.from_url(url), run_id="run-mem-a")
+    first.acquire()
+    with pytest.raises(LeaseHeldError, match="run run-mem-a"):
+        _lease(StorageLocation.from_url(url), run_id="run-mem-b").acquire()
+    first.release()
+    _lease(StorageLocation.from_url(url), run_id="run-mem-c").acquire()
