@@ -14,6 +14,7 @@ sums de-duplicate on run id, prompt id, image index and ``finished_at``). So the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -39,13 +40,19 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def rescue_root() -> Path:
-    """The first writable of ``$IMAGEGEN_RESCUE_DIR``, ``~/.cache/imagegen/rescue``, ``<tmp>/imagegen-rescue``."""
+def _candidates() -> list[Path]:
     candidates = []
     if os.environ.get(ENV_RESCUE_DIR):
         candidates.append(Path(os.environ[ENV_RESCUE_DIR]))
     candidates.append(Path.home() / ".cache" / "imagegen" / "rescue")
     candidates.append(Path(tempfile.gettempdir()) / "imagegen-rescue")
+    return candidates
+
+
+def rescue_root() -> Path:
+    """The first writable of ``$IMAGEGEN_RESCUE_DIR``, ``~/.cache/imagegen/rescue``, ``<tmp>/imagegen-rescue``
+    (made on first use only: a run that never needs a rescue leaves no folder behind)."""
+    candidates = _candidates()
     for folder in candidates:
         if _writable(folder):
             return folder
@@ -63,10 +70,25 @@ class RescueLedger:
     def __init__(self, output_uri: str, *, shard: str, run_id: str, root: Path | None = None) -> None:
         digest = hashlib.sha256(output_uri.encode()).hexdigest()[:16]
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", output_uri)[-60:].strip("_")
-        self.folder = (root or rescue_root()) / f"{readable}-{digest}" / shard
-        self.path = self.folder / f"ledger-{re.sub(r'[^A-Za-z0-9._-]+', '_', run_id)}.jsonl"
+        self._relative = Path(f"{readable}-{digest}") / shard
+        self._file = f"ledger-{re.sub(r'[^A-Za-z0-9._-]+', '_', run_id)}.jsonl"
+        self._root = root
         self.rows = 0
         self.images = 0
+
+    @functools.cached_property
+    def folder(self) -> Path:
+        """Where this run keeps what the output refused (chosen, and made, on first use)."""
+        return (self._root or rescue_root()) / self._relative
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self._file
+
+    def _folders(self) -> list[Path]:
+        """Every place an earlier run may have used (the first writable one then may not be now)."""
+        roots = [self._root] if self._root is not None else _candidates()
+        return [root / self._relative for root in roots]
 
     def keep(self, row: MetadataRow) -> None:
         """Append ``row`` (durably: flushed and synced, as it may be the only record of a payment)."""
@@ -96,16 +118,17 @@ class RescueLedger:
     def stored_path(self) -> Path:
         return self.path.with_name(self.path.name.replace("ledger-", "images-", 1))
 
-    def image_of(self, row: MetadataRow) -> Path:
+    @staticmethod
+    def image_of(ledger: Path, row: MetadataRow) -> Path:
+        """The kept image of ``row``, listed in ``ledger``."""
         assert row.file_name is not None
-        return self.folder / "images" / row.file_name
+        return ledger.parent / "images" / row.file_name
 
     def pending(self, kind: str = "ledger") -> list[tuple[Path, list[MetadataRow]]]:
         """Files of ``kind`` (``ledger``: rows; ``images``: rows of kept images) left by earlier runs."""
-        if not self.folder.is_dir():
-            return []
         found = []
-        for ledger in sorted(self.folder.glob(f"{kind}-*.jsonl")):
+        ledgers = sorted(p for folder in self._folders() if folder.is_dir() for p in folder.glob(f"{kind}-*.jsonl"))
+        for ledger in ledgers:
             rows = []
             for line in ledger.read_bytes().splitlines():
                 try:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from imagegen_provider.engine.budget import BlindSpending, Budget, BudgetExceeded, Reservation
@@ -296,15 +297,15 @@ class BatchRunner:
             await asyncio.to_thread(ledger.unlink)
             log.warning("Imported %d paid rows an earlier run could not record, from %s", len(rows), ledger)
         for ledger, rows in await asyncio.to_thread(self.rescue.pending, "images"):
-            restored = [row for row in rows if await asyncio.to_thread(self._restore_image, row)]
+            restored = [row for row in rows if await asyncio.to_thread(self._restore_image, ledger, row)]
             for row in restored:
                 await sink.add(row.to_dict())
             await sink.flush()
             await asyncio.to_thread(ledger.unlink)
             log.warning("Stored %d paid images an earlier run could not store, from %s", len(restored), ledger)
 
-    def _restore_image(self, row: MetadataRow) -> bool:
-        kept = self.rescue.image_of(row)
+    def _restore_image(self, ledger: Path, row: MetadataRow) -> bool:
+        kept = self.rescue.image_of(ledger, row)
         if not kept.is_file():
             log.warning("Kept image %s is gone: it will be generated (and paid) again", kept)
             return False
