@@ -98,6 +98,15 @@ def _provider_of(request: ImageRequest | None, result: GenerationResult | None, 
     return fallback
 
 
+def _failure_outcome(exc: Exception) -> ClientOutcome:
+    """A failure that is not an ``ImageGenError``: contract 3's ``GenerationFailed`` (it carries the error,
+    the attempts and every paid response), or anything else (one attempt, nothing known to be paid)."""
+    error, attempts, paid = (getattr(exc, name, None) for name in ("error", "attempts", "paid"))
+    if isinstance(error, BaseException) and isinstance(attempts, int) and isinstance(paid, tuple):
+        return ClientOutcome(None, paid, attempts, error)
+    return ClientOutcome(None, (), 1, exc)
+
+
 def _describe(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -416,9 +425,10 @@ class BatchRunner:
     async def _call_gateway(self, request: ImageRequest) -> ClientOutcome:
         """Turn one ``generate`` call into a :class:`ClientOutcome`: the only stage that knows the client API.
 
-        With the ``GenerationFailed`` API (contract 3) this becomes ``except GenerationFailed as failed:
-        return ClientOutcome(None, failed.paid, failed.attempts, failed.error)``, and a success's ``paid``
-        gains ``generation.discarded``.
+        Both client APIs are understood while the transport changes: the old one (an ``ImageGenError`` with
+        ``attempts`` and ``paid_result``) and contract 3 (``GenerationFailed(error, attempts, paid)``, and
+        ``Generation.discarded`` on success), recognised by its attributes. Once contract 3 is merged, the
+        first ``except`` becomes ``except GenerationFailed as failed`` and ``_failure_outcome`` goes.
         """
         assert self.client is not None
         task = asyncio.current_task()
@@ -427,18 +437,22 @@ class BatchRunner:
         try:
             generation = await self.client.generate(request)
         except ImageGenError as exc:
-            paid = (exc.paid_result,) if exc.paid_result is not None else ()
-            return ClientOutcome(None, paid, exc.attempts, exc)
+            # getattr: contract 3 drops these attributes from the errors themselves.
+            paid_result = getattr(exc, "paid_result", None)
+            paid = (paid_result,) if paid_result is not None else ()
+            return ClientOutcome(None, paid, getattr(exc, "attempts", 1), exc)
         except asyncio.CancelledError:
             if not self._cancelling:
                 raise
             # Cancelled by a stop request whose grace ran out: the gateway may still charge; the row says so.
             return ClientOutcome(None, (), 1, StopCancelled(self._stop_reason or "stop requested"))
         except Exception as exc:
-            return ClientOutcome(None, (), 1, exc)
+            return _failure_outcome(exc)
         finally:
             self._calling.discard(task)
-        return ClientOutcome(generation, (generation.result,), generation.attempts)
+        # Contract 3: responses paid for and thrown away before the good one (a corrupt image retried).
+        discarded = tuple(getattr(generation, "discarded", ()))
+        return ClientOutcome(generation, (*discarded, generation.result), generation.attempts)
 
     def _settle(self, request: ImageRequest, outcome: ClientOutcome, reservation: Reservation) -> Cost:
         """What the outcome cost; the budget counts it (an unknown cost at its estimate)."""

@@ -444,3 +444,47 @@ async def test_a_second_stop_request_cancels_at_once(tmp_path, gateway_factory):
     assert summary.stopped_reason == "stop requested: first signal"
     rows = history(tmp_path / "out")
     assert list(rows["error_type"]) == ["StopCancelled"] and gateway.stats()["generation_requests"] == 1
+
+
+class _GenerationFailed(Exception):
+    """Contract 3's failure (transport branch): the error, the attempts, every paid response."""
+
+    def __init__(self, error, attempts, paid):
+        super().__init__(str(error))
+        self.error, self.attempts, self.paid = error, attempts, paid
+
+
+async def test_contract_3_failures_and_discarded_responses_are_costed(tmp_path, gateway, monkeypatch):
+    from dataclasses import dataclass
+
+    from imagegen_provider.wire.errors import MalformedResponseError
+
+    ids, texts = numbered(2)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    original = ImageGenClient.generate
+
+    @dataclass(frozen=True)
+    class WithDiscarded:
+        images: list
+        result: object
+        attempts: int
+        latency_ms: float
+        dropped_fields: tuple
+        discarded: tuple
+
+    async def generate(self, request):
+        generation = await original(self, request)
+        if request.prompt == texts[0]:
+            # Two paid responses thrown away (corrupt images), then this one: three payments.
+            raise _GenerationFailed(MalformedResponseError("not an image"), 3, (generation.result,) * 3)
+        return WithDiscarded(generation.images, generation.result, 2, 1.0, (), (generation.result,))
+
+    monkeypatch.setattr(ImageGenClient, "generate", generate)
+    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"))
+    rows = current(tmp_path / "out")
+    failed, ok = rows.loc[("p000", 0)], rows.loc[("p001", 0)]
+    assert (failed["status"], failed["error_type"], failed["attempts"]) == ("failed", "MalformedResponseError", 3)
+    assert failed["cost_usd"] == pytest.approx(3 * SMALL_PRICE)
+    assert (ok["status"], ok["attempts"]) == ("succeeded", 2)
+    assert ok["cost_usd"] == pytest.approx(2 * SMALL_PRICE)  # the discarded response was paid too
+    assert summary.cost_usd == pytest.approx(5 * SMALL_PRICE)
