@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import uuid
 from collections import OrderedDict
@@ -57,13 +58,13 @@ class StorageLocation:
 
     @property
     def uri(self) -> str:
-        return self.fs.unstrip_protocol(self.root)
+        return str(self.fs.unstrip_protocol(self.root))
 
     def path(self, relative: str) -> str:
         return posixpath.join(self.root, relative)
 
     def uri_of(self, relative: str) -> str:
-        return self.fs.unstrip_protocol(self.path(relative))
+        return str(self.fs.unstrip_protocol(self.path(relative)))
 
     def child(self, relative: str) -> StorageLocation:
         return StorageLocation(fs=self.fs, root=self.path(relative))
@@ -115,19 +116,21 @@ class StorageLocation:
         try:
             with self.fs.open(temp, "wb") as handle:
                 yield handle
-            self.fs.mv(temp, path)
+            # os.replace, not fs.mv: mv moves a file *into* a folder that stands at its name, which would
+            # report an image stored that is not where its row says.
+            os.replace(temp, path)
         except BaseException:
             if self.fs.exists(temp):
                 self.fs.rm(temp)
             raise
 
     def read_bytes(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
+        return bytes(self.fs.cat_file(self.path(relative)))
 
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
+        return bool(self.fs.exists(self.path(relative)))
 
-    def open(self, relative: str, mode: str = "rb"):
+    def open(self, relative: str, mode: str = "rb") -> Any:
         path = self.path(relative)
         if "w" in mode:
             self._ensure_parent(path)
