@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from imagegen_provider import __version__
+from imagegen_provider.cli_batch import add_batch_arguments, batch_options_from_args
 
 ENV_API_KEY = "IMAGEGEN_API_KEY"
 
@@ -174,16 +175,17 @@ def _client_settings(args: argparse.Namespace) -> Any:
     return settings
 
 
-async def _generate(config: Any, settings: Any, received: list[int]) -> Any:
-    """Run the batch; SIGINT/SIGTERM ask the runner to stop (no new request, in-flight ones wound down)."""
+async def _generate(config: Any, settings: Any, received: list[int], batch: Any = None) -> Any:
+    """Run the batch; SIGINT/SIGTERM ask the runner to stop (no new request, in-flight ones wound down).
+    ``batch``: the :class:`BatchOptions` of ``--api batch`` (``None``: sync)."""
     from imagegen_provider.connect import open_client
-    from imagegen_provider.engine.runner import BatchRunner
+    from imagegen_provider.engine.batch import make_runner
 
     if config.dry_run:
-        return await BatchRunner(config, client=None).run()
+        return await make_runner(config, client=None, batch=batch).run()
     loop = asyncio.get_running_loop()
     async with open_client(settings) as client:
-        runner = BatchRunner(config, client=client)
+        runner = make_runner(config, client=client, batch=batch)
 
         def on_signal(number: int) -> None:
             received.append(number)
@@ -204,8 +206,10 @@ async def _run(args: argparse.Namespace, received: list[int] | None = None) -> d
     received = [] if received is None else received
     config = _run_config(args)
     settings = _client_settings(args)
-    summary = await _generate(config, settings, received)
+    summary = await _generate(config, settings, received, batch_options_from_args(args))
     result: dict[str, Any] = {"run": summary.to_dict()}
+    if getattr(args, "no_wait", False):
+        result["no_wait"] = True
     if not args.no_finalize and not args.dry_run and not received:
         report = await asyncio.to_thread(
             finalize_output,
@@ -214,8 +218,8 @@ async def _run(args: argparse.Namespace, received: list[int] | None = None) -> d
             prompt_column=args.prompt_column,
             id_column=args.id_column,
             images_per_prompt=args.images_per_prompt,
-            row_start=start,
-            row_stop=stop,
+            row_start=(args.rows or (0, None))[0],
+            row_stop=(args.rows or (0, None))[1],
         )
         result["dataset"] = report.brief()
     return result
@@ -231,7 +235,9 @@ def _print_summary(result: dict[str, Any]) -> None:
               f"({run['unpriced_images']} images without a known price)")
     else:
         print(f"cost ${run['cost_usd']:.4f}")
-    if run["stopped_reason"]:
+    if run.get("pending_batches"):
+        print(f"batches still processing: {', '.join(run['pending_batches'])} (rerun the same command to collect)")
+    elif run["stopped_reason"]:
         print(f"stopped: {run['stopped_reason']}")
     if run["failures_by_type"]:
         print("failures: " + ", ".join(f"{k}={v}" for k, v in run["failures_by_type"].items()))
@@ -243,8 +249,8 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 def _exit_code(result: dict[str, Any]) -> int:
     run = result["run"]
-    if run["dry_run"]:
-        return 0
+    if run["dry_run"] or (run.get("pending_batches") and not run["failed"] and result.get("no_wait")):
+        return 0  # --no-wait did what it was asked: submitted, nothing failed
     return 0 if run["failed"] == 0 and run["not_attempted"] == 0 and not run["stopped_reason"] else 1
 
 
@@ -361,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(nothing was sent); 3 the output refused a write (the run stopped); 130/143 stopped by SIGINT/SIGTERM.",
     )
     _add_run_arguments(run)
+    add_batch_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     gateway = commands.add_parser(

@@ -201,9 +201,9 @@ def test_run_help_and_version(capsys):
 def test_options_are_never_abbreviated(tmp_path, capsys, gateway):
     prompts = _prompts(tmp_path, ["a lake"])
     with pytest.raises(SystemExit) as exited:
-        main(["run", prompts, str(tmp_path / "out"), "--base-url", f"{gateway.base_url}/v1", "--api", "batch"])
+        main(["run", prompts, str(tmp_path / "out"), "--base-url", f"{gateway.base_url}/v1", "--api-k", "sk-x"])
     assert exited.value.code == 2
-    assert "unrecognized arguments: --api batch" in capsys.readouterr().err
+    assert "unrecognized arguments: --api-k" in capsys.readouterr().err
     assert gateway.stats()["total_requests"] == 0
 
 

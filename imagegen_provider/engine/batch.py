@@ -21,11 +21,12 @@ Rerunning the same run later collects what ended and submits nothing twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -48,7 +49,7 @@ from imagegen_provider.engine.config import RunConfig, RunSummary
 from imagegen_provider.engine.lease import Lease
 from imagegen_provider.engine.metadata import MetadataSink
 from imagegen_provider.engine.plan import ImageJob
-from imagegen_provider.engine.pricing import NO_COST, Cost, PriceTable
+from imagegen_provider.engine.pricing import Cost, PriceTable
 from imagegen_provider.engine.progress import Progress
 from imagegen_provider.engine.prompts import PromptTable
 from imagegen_provider.engine.resume import ResumeState
@@ -56,11 +57,12 @@ from imagegen_provider.engine.row import MetadataRow
 from imagegen_provider.engine.runner import BatchRunner, ClientOutcome
 from imagegen_provider.engine.schema import API_BATCH, COST_REPORTED
 from imagegen_provider.transport.batch import ENDPOINT, BatchClient, BatchInfo, ResultLine
-from imagegen_provider.transport.client import Generation, ImageGenClient
+from imagegen_provider.transport.client import Generation, ImageGenClient, VerifiedImage
 from imagegen_provider.wire.errors import ImageGenError, NotFoundError, error_from_response
+from imagegen_provider.wire.imageinfo import inspect_image
 from imagegen_provider.wire.normalize import normalize_response
 from imagegen_provider.wire.request import ImageRequest
-from imagegen_provider.wire.result import GenerationResult
+from imagegen_provider.wire.result import GeneratedImage, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,10 @@ class BatchApiRunner(BatchRunner):
         return (f"{len(self._live)} batch(es) still processing ({ids}{more}): rerun the same command to collect "
                 "them; nothing is submitted twice")
 
+    def _summary(self, progress: Progress, total: int, started: float) -> RunSummary:
+        summary = super()._summary(progress, total, started)
+        return replace(summary, pending_batches=self.pending_batches, submitted_images=self.submitted_images)
+
     @property
     def pending_batches(self) -> list[str]:
         """Ids of the batches this run left live (collected by a later run)."""
@@ -322,11 +328,24 @@ class BatchApiRunner(BatchRunner):
         except ImageGenError as exc:
             return ClientOutcome(None, (), 1, exc)
         try:
-            images = [await self.client._verified(image, result, request) for image in result.images]
+            images = [await self._verify(image, result, request) for image in result.images]
         except ImageGenError as exc:
             return ClientOutcome(None, (result,), 1, exc)  # paid, unusable
         generation = Generation(images=images, result=result, attempts=1, latency_ms=0.0, queued_ms=0.0)
         return ClientOutcome(generation, (result,), 1)
+
+    async def _verify(self, image: GeneratedImage, result: GenerationResult, request: ImageRequest) -> VerifiedImage:
+        """The client's own check of a sync answer's image (download of URL images included): a batch image is
+        stored only if the sync path would have stored it."""
+        assert self.client is not None
+        verify: Any = self.client._verified
+        if "request" in inspect.signature(verify).parameters:
+            verified: VerifiedImage = await verify(image, result, request)
+            return verified
+        # The client before full verification (contract 3) took the header inspection as an argument.
+        info = inspect_image(image.data, request_id=result.request_id) if image.data is not None else None
+        verified = await verify(image, info, result)
+        return verified
 
     # -- stage 3: submit -----------------------------------------------------------------------------
 
@@ -450,10 +469,8 @@ class BatchApiRunner(BatchRunner):
                 self._stop(f"batch_timeout: waited {self.options.timeout:g} s; {self._pending_message()}")
                 break
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(self.options.poll_interval, remaining))
-            except TimeoutError:
-                pass
         if self._halted and self.options.cancel_on_stop:
             await self._cancel_live()
 
@@ -481,12 +498,8 @@ class BatchApiRunner(BatchRunner):
             log.warning("Cancelled batch %s (%s)", manifest.batch_id, info.status)
 
 
-def live_batch_ids(manifests: Iterable[BatchManifest]) -> list[str]:
-    """Ids of the live batches among ``manifests`` (for a trigger to watch)."""
-    return [m.batch_id for m in manifests if m.live and m.batch_id]
-
-
-def batch_runner_kwargs(**values: Any) -> dict[str, Any]:
-    """The :class:`BatchOptions` fields among ``values`` (CLI and operator arguments)."""
-    known = set(BatchOptions.__dataclass_fields__)
-    return {key: value for key, value in values.items() if key in known and value is not None}
+def make_runner(config: RunConfig, *, client: ImageGenClient | None, batch: BatchOptions | None) -> BatchRunner:
+    """The sync runner, or the batch one when ``batch`` options are given (CLI and operator)."""
+    if batch is None:
+        return BatchRunner(config, client=client)
+    return BatchApiRunner(config, client=client, batch=batch)

@@ -118,6 +118,9 @@ class RunSummary:
     extra_images: int = 0
     #: Local file holding the paid rows the output refused (see :mod:`.rescue`), if any.
     rescue_ledger: str | None = None
+    #: Batch API mode: batches this run left processing (a rerun collects them), and images it submitted.
+    pending_batches: list[str] = field(default_factory=list)
+    submitted_images: int = 0
 
     @property
     def complete(self) -> bool:

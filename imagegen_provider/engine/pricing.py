@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from imagegen_provider.engine.schema import COST_ESTIMATED, COST_REPORTED
+from imagegen_provider.engine.schema import COST_ESTIMATED, COST_ESTIMATED_BATCH, COST_REPORTED
 from imagegen_provider.wire.result import Usage
 from imagegen_provider.wire.validation import bare_model_name
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_SIZE = "1024x1024"
+#: Batch price as a fraction of the sync price when the price table's ``batch`` section does not say (OpenAI).
+DEFAULT_BATCH_FRACTION = 0.5
 
 
 def usable_usd(value: object) -> float | None:
@@ -81,6 +83,7 @@ class PriceTable:
         self._per_image: dict[str, Any] = dict(data.get("per_image", {}))
         self._per_token: dict[str, Any] = dict(data.get("per_million_tokens", {}))
         self._output_tokens: dict[str, Any] = dict(data.get("output_tokens", {}))
+        self._batch: dict[str, Any] = dict(data.get("batch", {}))
         self._aliases = dict(price_as or {})
         self._warned_reported: set[str] = set()
 
@@ -96,6 +99,23 @@ class PriceTable:
         table = cls(data, price_as=price_as)
         table.check_aliases()
         return table
+
+    def batch_fraction(self, model: str | None) -> float:
+        """The batch price of ``model`` as a fraction of its sync price: its entry in the ``batch`` section, else
+        that section's ``"*"``, else :data:`DEFAULT_BATCH_FRACTION`. A value that is not a fraction in [0, 1] is
+        refused (a budget must not be computed from it)."""
+        key = self._model_key(model, self._batch) if model else None
+        value = self._batch.get(key) if key is not None else self._batch.get("*", DEFAULT_BATCH_FRACTION)
+        fraction = usable_usd(value)
+        if fraction is None or fraction > 1:
+            raise ValueError(f"prices.json batch fraction for {model or '*'!r} must be between 0 and 1, got {value!r}")
+        return fraction
+
+    def batch_cost(self, cost: Cost, model: str | None) -> Cost:
+        """``cost`` (a sync list/token price) at the batch price."""
+        if cost.usd is None:
+            return cost
+        return Cost(cost.usd * self.batch_fraction(model), COST_ESTIMATED_BATCH)
 
     def check_aliases(self) -> None:
         """Every ``price_as`` target must have a price: an alias to nothing would budget at nothing."""

@@ -16,11 +16,14 @@ from imagegen_provider.engine.schema import STATUS_SUCCEEDED
 from imagegen_provider.engine.storage import StorageLocation
 
 GROUP_COLUMNS = ["day", "model", "provider", "dag_id"]
-_READ = ["run_id", "prompt_id", "image_index", "status", "model", "provider", "dag_id", "cost_usd", "finished_at"]
+#: Reported groups: ``api`` splits sync from batch spend (rows written before the column existed are sync).
+REPORT_GROUPS = [*GROUP_COLUMNS, "api"]
+_READ = ["run_id", "prompt_id", "image_index", "status", "model", "provider", "dag_id", "cost_usd", "finished_at",
+         "api"]
 
 
 def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """One row per (day, model, provider, dag_id): ``images_succeeded``, ``images_failed``, ``cost_usd``,
+    """One row per (day, model, provider, dag_id, api): ``images_succeeded``, ``images_failed``, ``cost_usd``,
     ``unpriced_images`` (succeeded images without a known cost). Outputs with no metadata are skipped."""
     frames = []
     for output in outputs:
@@ -30,7 +33,7 @@ def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any]
             frame = table.to_pandas()
             frame["output"] = location.uri
             frames.append(frame)
-    columns = [*GROUP_COLUMNS, "images_succeeded", "images_failed", "cost_usd", "unpriced_images"]
+    columns = [*REPORT_GROUPS, "images_succeeded", "images_failed", "cost_usd", "unpriced_images"]
     if not frames:
         return pd.DataFrame(columns=columns)
     # One row per attempt. A paid image the output refused and a later run stored from the rescue folder has
@@ -42,10 +45,11 @@ def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any]
     rows["day"] = rows["finished_at"].dt.strftime("%Y-%m-%d")
     for column in ("model", "provider", "dag_id"):
         rows[column] = rows[column].fillna("unknown")
+    rows["api"] = rows["api"].fillna("sync")
     rows["succeeded"] = rows["status"] == STATUS_SUCCEEDED
     rows["unpriced"] = rows["succeeded"] & rows["cost_usd"].isna()
     report = (
-        rows.groupby(GROUP_COLUMNS, dropna=False)
+        rows.groupby(REPORT_GROUPS, dropna=False)
         .agg(
             images_succeeded=("succeeded", "sum"),
             images_failed=("succeeded", lambda s: int((~s).sum())),
@@ -70,7 +74,8 @@ def plot_cost_report(report: pd.DataFrame, path: str) -> str:
         ax.text(0.5, 0.5, "no metadata yet", ha="center", va="center")
         ax.set_axis_off()
     else:
-        labels = [f"{r.day}\n{r.model}\n{r.provider}\n{r.dag_id}" for r in report.itertuples()]
+        labels = [f"{r.day}\n{r.model}\n{r.provider}\n{r.dag_id}\n{getattr(r, 'api', 'sync')}"
+                  for r in report.itertuples()]
         bars = ax.bar(range(len(report)), report["cost_usd"], color="#7b5ea7")
         for bar, row in zip(bars, report.itertuples(), strict=True):
             ax.annotate(
@@ -80,7 +85,7 @@ def plot_cost_report(report: pd.DataFrame, path: str) -> str:
             )
         ax.set_xticks(range(len(report)), labels, fontsize=7)
         ax.set_ylabel("cost (USD)")
-        ax.set_title("Image generation cost by day, model, provider and DAG")
+        ax.set_title("Image generation cost by day, model, provider, DAG and api (sync/batch)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

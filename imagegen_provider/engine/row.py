@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from imagegen_provider.engine.schema import COLUMNS, STATUS_FAILED, STATUS_SUCCEEDED
+from imagegen_provider.engine.schema import API_SYNC, COLUMNS, STATUS_FAILED, STATUS_SUCCEEDED
 
 #: Longest error message kept on a row: gateway bodies can be large, and metadata is read in bulk.
 MAX_ERROR_CHARS = 2000
@@ -54,6 +54,8 @@ class MetadataRow:
     dag_id: str | None = None
     task_id: str | None = None
     shard: str | None = None
+    api: str | None = API_SYNC
+    batch_id: str | None = None
 
     @property
     def succeeded(self) -> bool:

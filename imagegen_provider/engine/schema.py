@@ -48,6 +48,9 @@ METADATA_SCHEMA = pa.schema(
         pa.field("dag_id", pa.string()),
         pa.field("task_id", pa.string()),
         pa.field("shard", pa.string()),
+        # How the image was asked for: "sync" (one request per image) or "batch" (the Batch API), and which batch.
+        pa.field("api", pa.string()),
+        pa.field("batch_id", pa.string()),
     ]
 )
 
@@ -59,6 +62,10 @@ COST_REPORTED = "reported"
 COST_ESTIMATED = "estimated"
 #: Charged by the bundled local gateway: play money, priced from the same table.
 COST_SIMULATED = "simulated"
+#: The list/token price times the model's batch fraction (prices.json ``batch``; 0.5 by default).
+COST_ESTIMATED_BATCH = "estimated_batch"
+API_SYNC = "sync"
+API_BATCH = "batch"
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -21,6 +21,7 @@ from imagegen_gateway import GatewayConfig
 from imagegen_provider.engine import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.batch import BatchApiRunner, BatchOptions
 from imagegen_provider.engine.batch_plan import COLLECTED, MANIFEST_DIR, BatchManifest, ManifestStore
+from imagegen_provider.engine.report import build_cost_report
 from imagegen_provider.transport.batch import BatchUnsupportedError
 
 from ._support import current, image_files, make_client, numbered, write_prompts
@@ -28,8 +29,8 @@ from ._support import current, image_files, make_client, numbered, write_prompts
 REPO = Path(__file__).resolve().parents[2]
 GPT = {"model": "gpt-image-1", "size": "1024x1024", "quality": "low"}
 DALL_E_3 = {"model": "dall-e-3", "size": "1024x1024", "response_format": "b64_json"}
-#: Columns allowed to differ between a sync and a batch run of the same table and seed.
-RUN_SPECIFIC = {"run_id", "api", "batch_id", "request_id", "latency_ms", "started_at", "finished_at", "cost_usd",
+#: Columns allowed to differ between a sync and a batch run of the same table and seed (image_uri: the outputs differ).
+RUN_SPECIFIC = {"image_uri", "run_id", "api", "batch_id", "request_id", "latency_ms", "started_at", "finished_at", "cost_usd",
                 "cost_source"}
 
 
@@ -72,6 +73,10 @@ async def test_batch_gives_the_sync_images_and_metadata_at_half_the_cost(tmp_pat
     for sync_cost, batch_cost in zip(a["cost_usd"], b["cost_usd"], strict=True):
         assert batch_cost == sync_cost * 0.5 and sync_cost > 0
     assert batch.cost_usd == pytest.approx(sync.cost_usd / 2)
+    assert set(b["cost_source"]) == {"estimated_batch"} and set(a["cost_source"]) == {"estimated"}
+    report = build_cost_report([str(sync_out), str(batch_out)]).set_index("api")
+    assert report.loc["batch", "cost_usd"] == pytest.approx(report.loc["sync", "cost_usd"] / 2)
+    assert report.loc["batch", "images_succeeded"] == report.loc["sync", "images_succeeded"] == 6
     stats = gateway.stats()
     assert stats["batches_created"] == 1 and stats["batch_lines"] == 6 and stats["batch_lines_charged_twice"] == 0
 
@@ -178,8 +183,11 @@ async def test_stop_with_cancel_cancels_and_the_next_run_resubmits(tmp_path, gat
                                           images_per_prompt=2),
                                 client=client, batch=BatchOptions(poll_interval=0.05, cancel_on_stop=True))
         task = asyncio.create_task(runner.run())
-        while gateway.stats()["batches_created"] == 0:
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):
+            while True:  # until the batch exists at the gateway
+                if gateway.stats()["batches_created"]:
+                    break
+                await asyncio.sleep(0.05)
         runner.request_stop("test")
         summary = await task
     assert summary.succeeded == 0 and "stop requested" in (summary.stopped_reason or "")

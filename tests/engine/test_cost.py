@@ -14,7 +14,7 @@ from imagegen_gateway import GatewayConfig
 from imagegen_provider.engine import BatchRunner, PriceTable, RunConfig, finalize_output
 from imagegen_provider.engine.budget import BlindSpending, Budget, BudgetExceeded
 from imagegen_provider.engine.keys import derive_seed
-from imagegen_provider.engine.report import GROUP_COLUMNS, build_cost_report, plot_cost_report
+from imagegen_provider.engine.report import REPORT_GROUPS, build_cost_report, plot_cost_report
 from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.wire.result import Usage
 
@@ -269,7 +269,7 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     await run_batch(gateway, prompts=path2, output=str(second), dialect="indoxhub", labels={"dag_id": "dag_b"})
 
     report = build_cost_report([str(first), str(second), str(tmp_path / "empty")])
-    assert list(report.columns) == [*GROUP_COLUMNS, "images_succeeded", "images_failed", "cost_usd", "unpriced_images"]
+    assert list(report.columns) == [*REPORT_GROUPS, "images_succeeded", "images_failed", "cost_usd", "unpriced_images"]
     today = datetime.now(UTC).strftime("%Y-%m-%d")
     assert set(report["day"]) == {today}
     a = report[report["dag_id"] == "dag_a"]
