@@ -214,8 +214,8 @@ async def _run(args: argparse.Namespace, received: list[int] | None = None) -> d
             prompt_column=args.prompt_column,
             id_column=args.id_column,
             images_per_prompt=args.images_per_prompt,
-            row_start=start,
-            row_stop=stop,
+            row_start=config.row_start,
+            row_stop=config.row_stop,
         )
         result["dataset"] = report.brief()
     return result
