@@ -25,8 +25,8 @@ from imagegen_provider.engine.prompts import PromptColumns, PromptTable
 from imagegen_provider.engine.resume import ResumeState
 from imagegen_provider.engine.schema import STATUS_FAILED, STATUS_SUCCEEDED
 from imagegen_provider.engine.storage import StorageLocation
-from imagegen_provider.transport.client import ImageGenClient
-from imagegen_provider.wire.errors import ImageGenError, redact
+from imagegen_provider.transport.client import GenerationFailed, ImageGenClient
+from imagegen_provider.wire.errors import redact
 from imagegen_provider.wire.request import ImageRequest
 from imagegen_provider.wire.result import GenerationResult
 
@@ -400,12 +400,14 @@ class BatchRunner:
                 image_format=image.info.format,
                 revised_prompt=image.revised_prompt,
             )
-        except ImageGenError as exc:
+        except GenerationFailed as failed:
             # A download or verification failure comes after a successful (paid) response.
-            paid = paid or exc.paid_result
-            if exc.paid_result is not None:
-                self._record_response(row, request, exc.paid_result, exc.attempts, None)
-            self._fail(row, type(exc).__name__, str(exc), getattr(exc, "status", None), exc.attempts)
+            exc = failed.error
+            paid_result = failed.paid[-1] if failed.paid else None
+            paid = paid or paid_result
+            if paid_result is not None:
+                self._record_response(row, request, paid_result, failed.attempts, None)
+            self._fail(row, type(exc).__name__, str(exc), getattr(exc, "status", None), failed.attempts)
             if exc.fatal:
                 self._fatal = True
                 self._stop(f"fatal gateway error: {row['error_message']}")

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 _EXCERPT_CHARS = 300
 
@@ -45,16 +45,18 @@ def excerpt(body: bytes | str | None, secrets: Iterable[str | None] = (), limit:
 
 
 class ImageGenError(Exception):
-    """Base class of every error raised by this package."""
+    """Base class of every error raised by this package.
 
-    #: A fatal error stops the whole batch (no point sending more requests); others fail one image.
-    fatal: bool = False
-    #: Whether the transport may retry the request that raised it.
-    retryable: bool = False
-    #: How many HTTP attempts were made before this error was final (set by the client).
-    attempts: int = 1
-    #: The response that was paid for, when the failure came after it (download, verification).
-    paid_result: Any = None
+    Callers classify errors by the three class flags, never by class names. An error is never changed after it
+    is raised: how many attempts were made, and what was paid for, travel in the client's ``GenerationFailed``.
+    """
+
+    #: Asking again may succeed (429, 5xx, timeouts, dropped connections, a corrupt 200).
+    retryable: ClassVar[bool] = False
+    #: Stop the whole run: no other request can succeed either (401/402/403, circuit open, storage).
+    fatal: ClassVar[bool] = False
+    #: The row's own fault (content policy, validation): the same row fails again, other rows are fine.
+    permanent: ClassVar[bool] = False
 
     @property
     def error_type(self) -> str:
@@ -74,6 +76,8 @@ class Violation:
 
 class RequestValidationError(ImageGenError, ValueError):
     """The request breaks a documented rule; raised before any money is spent."""
+
+    permanent = True
 
     def __init__(self, violations: list[Violation], *, context: str | None = None) -> None:
         self.violations = violations
@@ -114,6 +118,8 @@ class GatewayError(ImageGenError):
 
 class BadRequestError(GatewayError):
     """400: the gateway rejected the request (bad parameter, unsupported model)."""
+
+    permanent = True
 
 
 class ContentPolicyError(BadRequestError):
@@ -168,6 +174,24 @@ class GatewayConnectionError(ImageGenError):
     """The connection failed or dropped, or timed out, before a response arrived."""
 
     retryable = True
+
+
+class CircuitOpenError(ImageGenError):
+    """Nothing succeeded for ``breaker_seconds`` while every answer was a 429, a 5xx or a transport error: the
+    gateway is down or refusing everything, and waiting longer only holds the run up."""
+
+    fatal = True
+
+
+class ClientConfigurationError(ImageGenError):
+    """The client cannot send at all (a base URL with a bad port or scheme): every request would fail alike."""
+
+    fatal = True
+
+
+class UnexpectedError(ImageGenError):
+    """An exception nobody anticipated while generating, turned into an error of this package so that one
+    image fails (with its attempts and payments on record) instead of the whole run."""
 
 
 class MalformedResponseError(ImageGenError):

@@ -89,7 +89,7 @@ def test_extras_are_read_and_typed():
     assert settings.max_attempts == 7 and isinstance(settings.max_attempts, int)
     assert settings.retry.max_attempts == 7
     assert settings.accepts_seed is True
-    assert settings.max_image_bytes == 1048576
+    assert settings.max_response_bytes == 1048576  # the old extra name is an alias
     assert settings.prices == {"dall-e-3": 0.04}
     assert settings.local_gateway == {"rpm": 600}
     assert settings.local_path() == "/api/v1"
