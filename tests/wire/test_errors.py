@@ -28,7 +28,7 @@ from imagegen_provider.wire import (
     error_from_response,
     redact,
 )
-from imagegen_provider.wire.errors import excerpt
+from imagegen_provider.wire.errors import CircuitOpenError, ClientConfigurationError, UnexpectedError, excerpt
 
 NGINX_502 = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>"
@@ -304,3 +304,52 @@ def test_transport_and_download_errors():
 def test_gateway_error_without_status():
     error = GatewayError("stream broke", status=None)
     assert str(error) == "gateway error | stream broke"
+
+
+# --- class flags (how callers classify errors) ---------------------------------------------------------------
+
+
+def _all_error_classes() -> list[type[ImageGenError]]:
+    import imagegen_provider.transport.body  # noqa: F401  (ResponseTooLargeError)
+
+    found, pending = [], [ImageGenError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_error_class_carries_the_three_flags():
+    classes = _all_error_classes()
+    assert len(classes) >= 20
+    for cls in classes:
+        for flag in ("retryable", "fatal", "permanent"):
+            assert isinstance(getattr(cls, flag), bool), (cls, flag)
+        # A row's own fault is never worth retrying, and never stops the run.
+        assert not (cls.permanent and (cls.retryable or cls.fatal)), cls
+        assert not (cls.fatal and cls.retryable), cls
+
+
+@pytest.mark.parametrize(
+    ("cls", "retryable", "fatal", "permanent"),
+    [
+        (ContentPolicyError, False, False, True),
+        (RequestValidationError, False, False, True),
+        (BadRequestError, False, False, True),
+        (AuthenticationError, False, True, False),
+        (InsufficientBalanceError, False, True, False),
+        (PermissionDeniedError, False, True, False),
+        (CircuitOpenError, False, True, False),
+        (ClientConfigurationError, False, True, False),
+        (RateLimitError, True, False, False),
+        (ServerError, True, False, False),
+        (GatewayConnectionError, True, False, False),
+        (MalformedResponseError, True, False, False),
+        (ImageDownloadError, False, False, False),
+        (NotFoundError, False, False, False),
+        (UnexpectedError, False, False, False),
+    ],
+)
+def test_flags_per_class(cls, retryable, fatal, permanent):
+    assert (cls.retryable, cls.fatal, cls.permanent) == (retryable, fatal, permanent)
