@@ -175,6 +175,14 @@ def describe_transport_error(exc: httpx.TransportError) -> str:
     return f"{kind} ({detail})"
 
 
+def _host_of(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        # A malformed base URL fails every request, as a ClientConfigurationError; not the constructor.
+        return None
+
+
 def unexpected(exc: Exception, where: str) -> ImageGenError:
     """The error of this package for an exception nobody anticipated. Only class names: the exceptions' own
     messages can quote the request, its URL and so its credentials."""
@@ -233,7 +241,7 @@ class ImageGenClient:
         self._api_key = api_key
         self._capped_retry_after_logged = False
         self._http = self._http_client(transport)
-        policy = AddressPolicy(allow_private=allow_private_image_urls, gateway_host=urlsplit(self.base_url).hostname)
+        policy = AddressPolicy(allow_private=allow_private_image_urls, gateway_host=_host_of(self.base_url))
         self._downloader = ImageDownloader(max_bytes=max_response_bytes, transport=download_transport, policy=policy)
 
     def _http_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
