@@ -18,6 +18,10 @@ from imagegen_provider.wire.result import ImageInfo
 #: 8.3 MP) and decodes to at most 256 MB in RGBA.
 MAX_IMAGE_PIXELS = 64_000_000
 
+#: The chunk every PNG ends with. Pillow stops reading after the last pixel row: a PNG cut inside its final
+#: chunk decodes completely, but is still a truncated file (and what else was lost is anyone's guess).
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
 #: The formats a request's ``output_format`` names, as Pillow spells them.
 _PILLOW_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 
@@ -62,6 +66,8 @@ def inspect_image(
             ) from None
     if not fmt or width <= 0 or height <= 0:
         raise MalformedResponseError("image header without format or size", request_id=request_id)
+    if fmt == "png" and not data.endswith(_PNG_END):
+        raise MalformedResponseError("truncated PNG (no IEND chunk at the end)", request_id=request_id)
     expected = _PILLOW_FORMATS.get((expected_format or "").lower())
     if expected is not None and fmt != expected:
         raise MalformedResponseError(f"asked for {expected_format}, got {fmt}", request_id=request_id)
