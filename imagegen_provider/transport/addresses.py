@@ -42,10 +42,10 @@ def kind_of(address: IPAddress) -> AddressKind:
         address = address.ipv4_mapped
     if any(address in net for net in _METADATA):
         return AddressKind.FORBIDDEN
+    if address.is_loopback:  # before is_reserved: ::1 lies in IPv6's reserved ::/8
+        return AddressKind.LOOPBACK
     if address.is_link_local or address.is_unspecified or address.is_multicast or address.is_reserved:
         return AddressKind.FORBIDDEN
-    if address.is_loopback:
-        return AddressKind.LOOPBACK
     # Carrier-grade NAT (100.64.0.0/10) is not "private" to the ipaddress module, but is not the internet either.
     if address.is_private or address in ipaddress.ip_network("100.64.0.0/10") or not address.is_global:
         return AddressKind.PRIVATE
