@@ -353,3 +353,58 @@ def test_every_error_class_carries_the_three_flags():
 )
 def test_flags_per_class(cls, retryable, fatal, permanent):
     assert (cls.retryable, cls.fatal, cls.permanent) == (retryable, fatal, permanent)
+
+
+# --- a key in any encoding -------------------------------------------------------------------------------------
+
+
+def _encoded_forms(secret: str) -> dict[str, str]:
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    raw = secret.encode()
+    forms = {
+        "quote": quote(secret, safe=""),
+        "quote-lower-hex": quote(secret, safe="").replace("%2D", "%2d").replace("%2B", "%2b"),
+        "quote_plus": quote_plus(secret),
+        "reversed": secret[::-1],
+    }
+    for prefix in (b"", b"Bearer ", b"user:", b"x", b"xy"):
+        for name, encode in (("std", base64.b64encode), ("urlsafe", base64.urlsafe_b64encode)):
+            text = encode(prefix + raw).decode()
+            forms[f"b64-{name}-{prefix.decode() or 'alone'}"] = text
+            forms[f"b64-{name}-{prefix.decode() or 'alone'}-unpadded"] = text.rstrip("=")
+    return forms
+
+
+SECRETS = ["sk-proj-Abc+def/123_456-XYZ", "TOPSECRET-gw-key-7f3a9c", "byok key with spaces & symbols!"]
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_encoded_secrets_are_redacted(secret):
+    import base64
+
+    for name, form in _encoded_forms(secret).items():
+        out = redact(f"upstream said: {form} (end)", [secret])
+        assert form not in out, name
+        assert "upstream said:" in out and "(end)" in out, name
+        # What is left of an encoded form cannot be decoded back into the key (or a long piece of it).
+        for word in out.split():
+            for decode in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    decoded = decode(word + "=" * (-len(word) % 4)).decode("latin-1")
+                except ValueError:
+                    continue
+                assert secret[:8] not in decoded and secret[-8:] not in decoded, (name, word)
+
+
+def test_encoded_byok_key_is_redacted_from_gateway_errors():
+    import base64
+
+    byok = "provider-byok-9f8e7d6c"
+    body = json.dumps({"error": {"message": "bad key " + base64.b64encode(byok.encode()).decode()
+                                 + " / " + byok[::-1]}}).encode()
+    error = error_from_response(401, body, secrets=["gateway-key-xyz", byok])
+    for text in (str(error), error.body_excerpt):
+        assert base64.b64encode(byok.encode()).decode()[:20] not in text
+        assert byok[::-1] not in text
