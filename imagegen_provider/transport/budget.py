@@ -45,11 +45,11 @@ class _Window(RateLimitItemPerSecond):
     counted, whatever the current size.
     """
 
-    def key_for(self, *identifiers: str) -> str:
-        return "/".join([self.namespace, *identifiers])
+    def key_for(self, *identifiers: bytes | str | int | float) -> str:
+        return "/".join([self.namespace, *(str(i) for i in identifiers)])
 
 
-def _window(item: RateLimitItem) -> _Window:
+def _window(item: RateLimitItem) -> RateLimitItem:
     return _Window(item.amount, item.multiples)
 
 
@@ -71,7 +71,9 @@ class SharedBudget:
             import redis.asyncio as aioredis
 
             uri = backend if backend.startswith("async+") else "async+" + backend
-            self._storage = storage_from_string(uri, implementation="redispy")
+            storage = storage_from_string(uri, implementation="redispy")
+            assert isinstance(storage, Storage), "an async+ URI gives an async storage"
+            self._storage = storage
             self._redis = aioredis.from_url(backend.removeprefix("async+"))
         else:
             self._storage = MemoryStorage()

@@ -298,9 +298,10 @@ class ImageGenClient:
         except ImageGenError as error:
             raise GenerationFailed(error, attempts=progress.attempts, paid=tuple(progress.paid)) from None
         except Exception as exc:
-            log.debug("Unexpected error while generating", exc_info=True)
-            error = unexpected(exc, self.endpoint)
-            raise GenerationFailed(error, attempts=progress.attempts, paid=tuple(progress.paid)) from None
+            # No traceback in the log: the exception's message may quote the request or a URL with credentials.
+            failure = unexpected(exc, self.endpoint)
+            log.debug("Unexpected %s while generating, reported as %s", type(exc).__name__, type(failure).__name__)
+            raise GenerationFailed(failure, attempts=progress.attempts, paid=tuple(progress.paid)) from None
 
     async def _generate(self, request: ImageRequest, progress: _Progress) -> Generation:
         wire = self.dialect.build_body(request, accepts_seed=self.accepts_seed)
@@ -400,7 +401,7 @@ class ImageGenClient:
                 else:
                     result = await self._send_plain(body, secrets)
         except TimeoutError:
-            error = GatewayConnectionError(
+            error: ImageGenError = GatewayConnectionError(
                 f"no complete answer within the {self.timeouts.attempt:g} s attempt deadline from {self.endpoint}"
             )
             log.warning("Attempt failed: %s", error)

@@ -155,7 +155,7 @@ class AdaptiveRate:
         log.info("Gateway refused a request without announcing its limit; pacing at %.2f requests/s", self.rate)
 
     def maybe_increase(self, now: float) -> None:
-        if self.rate is None or now - self._last_change < self.PROBE_AFTER or now - self._last_refusal < self.PROBE_AFTER:
+        if self.rate is None or now - max(self._last_change, self._last_refusal) < self.PROBE_AFTER:
             return
         self.rate += max(1.0 if self.rate >= 1 else 1.0 / 60.0, 0.02 * self.rate)
         self._last_change = now

@@ -96,8 +96,8 @@ class RetryPolicy:
         """Seconds to wait before attempt ``attempts + 1``: the gateway's Retry-After (capped), else full-jitter
         exponential backoff (uniform in 0 .. initial * 2^(attempts-1), at most ``backoff_max``)."""
         retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            return min(self.max_retry_after, retry_after) + 0.05 * (attempts % 5)
+        if isinstance(retry_after, int | float):
+            return min(self.max_retry_after, float(retry_after)) + 0.05 * (attempts % 5)
         ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, attempts - 1))
         return random.uniform(0.0, ceiling)
 
@@ -111,10 +111,10 @@ class RetryPolicy:
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
+        if isinstance(retry_after, int | float):
             # The gateway said when; a little jitter keeps retries from landing together.
-            return min(self.max_retry_after, retry_after) + 0.05 * (state.attempt_number % 5)
-        return wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)(state)
+            return min(self.max_retry_after, float(retry_after)) + 0.05 * (state.attempt_number % 5)
+        return float(wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)(state))
 
     def retrying(self) -> AsyncRetrying:
         return AsyncRetrying(

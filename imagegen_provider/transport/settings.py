@@ -185,7 +185,9 @@ class ClientSettings:
         return _build(values, api_key=password or None, namespace=namespace)
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace, *, api_key: str | None = None, namespace: str = "cli") -> ClientSettings:
+    def from_cli_args(
+        cls, args: argparse.Namespace, *, api_key: str | None = None, namespace: str = "cli"
+    ) -> ClientSettings:
         """Settings from the options :func:`add_client_arguments` added.
 
         :param api_key: used when ``--api-key`` was not given (e.g. from an environment variable).

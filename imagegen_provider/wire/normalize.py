@@ -174,7 +174,9 @@ def _image(item: Any, index: int, request_id: str | None) -> GeneratedImage:
         # An inline image in ``url`` (some gateways do this): decoded and verified like b64_json, never fetched.
         header = url.partition(",")[0].lower()
         if not header.startswith("data:image/") or not header.endswith(";base64"):
-            raise MalformedResponseError(f"data[{index}].url is a data: URL but not a base64 image", request_id=request_id)
+            raise MalformedResponseError(
+                f"data[{index}].url is a data: URL but not a base64 image", request_id=request_id
+            )
         return GeneratedImage(data=decode_b64_image(url, request_id=request_id), revised_prompt=revised)
     if url:
         return GeneratedImage(url=url, revised_prompt=revised)
@@ -191,7 +193,8 @@ def _request_id(payload: Mapping[str, Any], headers: Mapping[str, str]) -> str |
 
 def _header_request_id(headers: Mapping[str, str]) -> str | None:
     # LiteLLM proxies name the call in x-litellm-call-id; x-request-id wins when both are there.
-    return _str(headers.get("x-request-id")) or _str(headers.get("request-id")) or _str(headers.get("x-litellm-call-id"))
+    names = ("x-request-id", "request-id", "x-litellm-call-id")
+    return next((value for value in (_str(headers.get(name)) for name in names) if value), None)
 
 
 def _reported_cost(body_cost: float | None, headers: Mapping[str, str], images: int) -> float | None:
@@ -288,12 +291,14 @@ class StreamAssembler:
         try:
             event = loads(raw)
         except ValueError:
-            raise MalformedResponseError(f"stream event {name!r} is not JSON", request_id=self._request_id) from None
+            shown = excerpt(name, self._secrets, limit=40)
+            raise MalformedResponseError(f"stream event {shown!r} is not JSON", request_id=self._request_id) from None
         if not isinstance(event, Mapping):
             return
         kind = _str(event.get("type")) or name
         if kind == "error" or ("error" in event and kind not in (PARTIAL_EVENT, COMPLETED_EVENT)):
-            error = event.get("error") if isinstance(event.get("error"), Mapping) else event
+            inner = event.get("error")
+            error: Mapping[str, Any] = inner if isinstance(inner, Mapping) else event
             message = _str(error.get("message")) or "error event in stream"
             raise GatewayError(excerpt(message, self._secrets), status=200, request_id=self._request_id)
         if kind == PARTIAL_EVENT:

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import uvicorn
 from PIL import Image
@@ -57,7 +57,7 @@ class Seen:
         return json.loads(self.body)
 
 
-ReplySource = Union[Reply, Callable[["Scripted", Seen], Reply]]
+ReplySource = Reply | Callable[["Scripted", Seen], Reply]
 
 
 class Scripted:

@@ -88,7 +88,7 @@ async def test_wrong_key_is_fatal_401_sent_once(gateway_factory, client_for):
 
 async def test_missing_key_is_401(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig())
-    with generation_fails(AuthenticationError) as caught:
+    with generation_fails(AuthenticationError):
         await client_for(gw, "openai", api_key=None).generate(small_request())
     assert gw.stats()["generation_requests"] == 1
 

@@ -146,7 +146,7 @@ async def test_byok_key_is_redacted_and_never_stored_by_the_gateway(scripted, ke
 
 async def test_stream_error_event_echoing_the_key_is_redacted(scripted, client_for, caplog):
     caplog.set_level(logging.DEBUG)
-    event = '{"type": "error", "error": {"message": "upstream said: invalid key %s"}}' % KEY
+    event = f'{{"type": "error", "error": {{"message": "upstream said: invalid key {KEY}"}}}}'
     scripted.on(GEN, Reply(200, body=f"event: error\ndata: {event}\n\n", media_type="text/event-stream"))
     request = small_request(model="gpt-image-1", size="1024x1024", stream=True, response_format=None)
     with generation_fails(ImageGenError) as caught:

@@ -54,7 +54,8 @@ async def test_wrong_format_is_a_malformed_response(scripted, client_for):
 
 async def test_corrupt_download_is_retried_by_asking_again(scripted, client_for):
     data = _noisy_png()
-    scripted.on(GEN, lambda app, seen: Reply(200, json=openai_image_body(url=f"{app.base_url}/cdn/{len(app.seen)}.png")))
+    scripted.on(GEN, lambda app, seen: Reply(200, json=openai_image_body(
+        url=f"{app.base_url}/cdn/{len(app.seen)}.png")))
     scripted.on("/cdn/1.png", Reply(200, body=data[:-100], media_type="image/png"))
     scripted.on("/cdn/3.png", Reply(200, body=data, media_type="image/png"))
     generation = await client_for(scripted.base_url + "/v1", retry=FAST).generate(small_request(response_format="url"))

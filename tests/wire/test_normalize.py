@@ -33,7 +33,7 @@ def check_result(result: GenerationResult, expected: dict[str, Any]) -> None:
                 "quality", "background"):
         assert getattr(result, key) == expected[key], key
     assert len(result.images) == len(expected["images"])
-    for image, want in zip(result.images, expected["images"]):
+    for image, want in zip(result.images, expected["images"], strict=False):
         assert image.url == want["url"]
         assert image.revised_prompt == want["revised_prompt"]
         if want["inline"] is None:
@@ -411,7 +411,7 @@ def test_stream_error_event_is_a_gateway_error(event, partial_pngs):
     ids=["empty", "done-only", "partial-only"],
 )
 def test_stream_without_completed_event(events):
-    with pytest.raises(MalformedResponseError, match="without an image_generation.completed event"):
+    with pytest.raises(MalformedResponseError, match=r"without an image_generation\.completed event"):
         normalize_stream(events)
 
 
@@ -463,7 +463,8 @@ def _body(usage, n: int = 1) -> dict:
 
 @pytest.mark.parametrize(
     "cost",
-    [float("nan"), "NaN", "nan", float("inf"), "inf", "-Infinity", -0.01, "-3", 1000.01, "1e9", "lots", [1], {"usd": 1}],
+    [float("nan"), "NaN", "nan", float("inf"), "inf", "-Infinity", -0.01, "-3", 1000.01, "1e9", "lots", [1],
+     {"usd": 1}],
 )
 def test_unbelievable_reported_cost_is_unknown_with_a_warning(caplog, cost):
     import logging
@@ -511,7 +512,8 @@ def test_litellm_headers_give_cost_and_request_id():
     both = normalize_response(body, headers={"x-litellm-call-id": "call-7", "x-request-id": "req-1"})
     assert both.request_id == "req-1"
     # The body's cost wins over the header; an absurd header is as unknown as an absurd body.
-    assert normalize_response(_body({"cost": 0.01}), headers={"x-litellm-response-cost": "0.5"}).reported_cost_usd == 0.01
+    header = {"x-litellm-response-cost": "0.5"}
+    assert normalize_response(_body({"cost": 0.01}), headers=header).reported_cost_usd == 0.01
     assert normalize_response(body, headers={"x-litellm-response-cost": "nan"}).reported_cost_usd is None
     assert normalize_response(body, headers={"x-litellm-response-cost": "-1"}).reported_cost_usd is None
 
