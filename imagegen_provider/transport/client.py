@@ -268,6 +268,14 @@ class ImageGenClient:
     def endpoint(self) -> str:
         return self.base_url + self.dialect.path
 
+    @property
+    def _shown_endpoint(self) -> str:
+        """The endpoint as errors and logs may show it: without ``user:pass@``."""
+        try:
+            return without_credentials(self.endpoint)
+        except ValueError:
+            return "the gateway (malformed base URL)"
+
     async def __aenter__(self) -> ImageGenClient:
         return self
 
@@ -299,7 +307,7 @@ class ImageGenClient:
             raise GenerationFailed(error, attempts=progress.attempts, paid=tuple(progress.paid)) from None
         except Exception as exc:
             # No traceback in the log: the exception's message may quote the request or a URL with credentials.
-            failure = unexpected(exc, self.endpoint)
+            failure = unexpected(exc, self._shown_endpoint)
             log.debug("Unexpected %s while generating, reported as %s", type(exc).__name__, type(failure).__name__)
             raise GenerationFailed(failure, attempts=progress.attempts, paid=tuple(progress.paid)) from None
 
@@ -378,7 +386,8 @@ class ImageGenClient:
                 async with self._http.stream("GET", self.base_url + "/models") as response:
                     content = await read_capped(response, max_bytes=self.max_response_bytes)
         except (httpx.TransportError, TimeoutError) as exc:
-            raise GatewayConnectionError(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
+            shown = without_credentials(self.base_url)
+            raise GatewayConnectionError(f"cannot reach {shown}: {type(exc).__name__}") from None
         if response.status_code != 200:
             raise error_from_response(response.status_code, content, secrets=self._secrets())
         try:
@@ -402,14 +411,14 @@ class ImageGenClient:
                     result = await self._send_plain(body, secrets)
         except TimeoutError:
             error: ImageGenError = GatewayConnectionError(
-                f"no complete answer within the {self.timeouts.attempt:g} s attempt deadline from {self.endpoint}"
+                f"no complete answer within the {self.timeouts.attempt:g} s attempt deadline from {self._shown_endpoint}"
             )
             log.warning("Attempt failed: %s", error)
             raise error from None
         except httpx.TransportError as exc:
             # Timeouts, resets, dropped connections. The message is the exception class only: httpx
             # messages can quote the request.
-            error = unexpected(exc, self.endpoint)
+            error = unexpected(exc, self._shown_endpoint)
             log.warning("Attempt failed: %s", error)
             raise error from None
         except ImageGenError as exc:

@@ -37,7 +37,10 @@ def default_ssl_context() -> ssl.SSLContext:
 
 def without_credentials(url: str) -> str:
     """``url`` without ``user:pass@``: what may be recorded (metadata, logs) of a URL."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(malformed URL)"
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
@@ -46,7 +49,10 @@ def without_credentials(url: str) -> str:
 def display_url(url: str) -> str:
     """URL without credentials and without its query string (signed CDN URLs carry credentials there), for
     error messages."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(malformed URL)"
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 

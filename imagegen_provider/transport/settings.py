@@ -21,7 +21,7 @@ from imagegen_provider.transport.client import (
     ImageGenClient,
     Timeouts,
 )
-from imagegen_provider.transport.download import DEFAULT_MAX_RESPONSE_BYTES
+from imagegen_provider.transport.download import DEFAULT_MAX_RESPONSE_BYTES, without_credentials
 from imagegen_provider.transport.options import (
     Option,
     option,
@@ -142,7 +142,7 @@ class ClientSettings:
 
     def describe(self) -> str:
         """For logs: never the key."""
-        where = "bundled local gateway (in-process)" if self.is_local else self.base_url
+        where = "bundled local gateway (in-process)" if self.base_url is None else without_credentials(self.base_url)
         return f"{where} [{self.dialect}]"
 
     def with_overrides(self, **changes: Any) -> ClientSettings:

@@ -169,3 +169,23 @@ async def test_credentials_never_reach_errors_or_metadata(scripted, client_for):
     with generation_fails(ImageExpiredError) as caught:
         await client_for(scripted.base_url + "/v1").generate(small_request(response_format="url"))
     assert "pa55word" not in str(caught.value) and "/cdn/gone.png" in str(caught.value)
+
+
+async def test_credentials_in_the_base_url_never_reach_errors(caplog):
+    import logging
+
+    from imagegen_provider.transport import ImageGenClient
+    from imagegen_provider.transport.settings import ClientSettings
+    from tests.conftest import free_port
+
+    caplog.set_level(logging.DEBUG)
+    base = f"http://admin:hunter2pass@127.0.0.1:{free_port()}/v1"
+    client = ImageGenClient(base_url=base, retry=RetryPolicy(max_attempts=1))
+    try:
+        with generation_fails() as caught:
+            await client.generate(small_request())
+    finally:
+        await client.aclose()
+    assert "hunter2pass" not in str(caught.value) and "127.0.0.1" in str(caught.value)
+    assert "hunter2pass" not in caplog.text
+    assert "hunter2pass" not in ClientSettings(base_url=base).describe()
