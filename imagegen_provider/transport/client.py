@@ -411,7 +411,8 @@ class ImageGenClient:
                     result = await self._send_plain(body, secrets)
         except TimeoutError:
             error: ImageGenError = GatewayConnectionError(
-                f"no complete answer within the {self.timeouts.attempt:g} s attempt deadline from {self._shown_endpoint}"
+                f"no complete answer within the {self.timeouts.attempt:g} s attempt deadline "
+                f"from {self._shown_endpoint}"
             )
             log.warning("Attempt failed: %s", error)
             raise error from None

@@ -48,13 +48,13 @@ async def huge_json() -> AsyncIterator[bytes]:
 async def endless_events() -> AsyncIterator[bytes]:
     """Partial-image events without end, as far as the client can tell: the server gives up after 1 GiB (once
     the client has hung up, so that the session's shared server does not keep a core busy)."""
-    import anyio
+    import anyio.lowlevel
 
     partial = json.dumps({"type": "image_generation.partial_image", "b64_json": b64(png_bytes(64, 64)) * 400})
     event = f"event: image_generation.partial_image\ndata: {partial}\n\n".encode()
     for _ in range((1 << 30) // len(event)):
         yield event
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
 
 def run_client(base_url: str, kind: str = "plain") -> dict:
