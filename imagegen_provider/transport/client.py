@@ -332,7 +332,10 @@ class ImageGenClient:
         # 429 pause (or a limit learned from the headers) that began while it waited, or every queued request
         # is sent into the wall once. Both waits end early if the breaker opens.
         slot = self.limiter.in_flight()
-        await self.breaker.guard(slot.acquire())
+        if slot.locked():
+            await self.breaker.guard(slot.acquire())
+        else:
+            await slot.acquire()  # free: no wait to guard (and no tasks to create)
         try:
             await self.breaker.guard(self.limiter.acquire(images=request.n))
             progress.queued += time.monotonic() - waiting
