@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
 
 import orjson
 
@@ -59,7 +57,6 @@ from imagegen_provider.engine.schema import API_BATCH, COST_REPORTED
 from imagegen_provider.transport.batch import ENDPOINT, BatchClient, BatchInfo, ResultLine
 from imagegen_provider.transport.client import Generation, ImageGenClient, VerifiedImage
 from imagegen_provider.wire.errors import ImageGenError, NotFoundError, error_from_response
-from imagegen_provider.wire.imageinfo import inspect_image
 from imagegen_provider.wire.normalize import normalize_response
 from imagegen_provider.wire.request import ImageRequest
 from imagegen_provider.wire.result import GeneratedImage, GenerationResult
@@ -335,17 +332,10 @@ class BatchApiRunner(BatchRunner):
         return ClientOutcome(generation, (result,), 1)
 
     async def _verify(self, image: GeneratedImage, result: GenerationResult, request: ImageRequest) -> VerifiedImage:
-        """The client's own check of a sync answer's image (download of URL images included): a batch image is
-        stored only if the sync path would have stored it."""
+        """The client's own check of a sync answer's image (full decode, format, download of URL images under
+        the address policy): a batch image is stored only if the sync path would have stored it."""
         assert self.client is not None
-        verify: Any = self.client._verified
-        if "request" in inspect.signature(verify).parameters:
-            verified: VerifiedImage = await verify(image, result, request)
-            return verified
-        # The client before full verification (contract 3) took the header inspection as an argument.
-        info = inspect_image(image.data, request_id=result.request_id) if image.data is not None else None
-        verified = await verify(image, info, result)
-        return verified
+        return await self.client._verified(image, result, request)
 
     # -- stage 3: submit -----------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ same connection pool, auth header, timeouts and User-Agent; 429/5xx/transport er
 
 Nothing large is held in memory: the input JSONL is uploaded from a file object that httpx streams in chunks,
 and the output file is read as a stream cut into lines, one at a time, each under ``max_line_bytes`` (a line
-can carry a multi-MB base64 image). A dropped download resumes where it stopped (``Range``).
+can carry a multi-MB base64 image). Bodies are decoded with a bound per piece (the transport's ``body`` module);
+other answers are capped at 8 MB. A dropped download resumes where it stopped (``Range``).
 
 Creating a batch is the one call that costs money and is not idempotent: it is never retried blindly. Each
 creation carries a submission token in its metadata; after a failed creation the recent batches are searched
@@ -23,6 +24,7 @@ from typing import IO, Any
 import httpx
 import orjson
 
+from imagegen_provider.transport.body import iter_capped, read_capped
 from imagegen_provider.transport.client import ImageGenClient
 from imagegen_provider.transport.retry import is_retryable, parse_retry_after
 from imagegen_provider.wire.errors import (
@@ -43,6 +45,8 @@ SUBMISSION_KEY = "imagegen_submission"
 DEFAULT_MAX_LINE_BYTES = 192 * 1024 * 1024
 #: Largest JSON answer of the other calls (a batch object, a file object, a page of batches).
 _MAX_JSON_BYTES = 8 * 1024 * 1024
+#: Largest output or error file read (decoded): OpenAI's outputs stay far below; a gateway streaming forever not.
+_MAX_FILE_BYTES = 1 << 40
 #: Pages of ``GET /batches`` searched for a submission token after a failed creation.
 _SEARCH_PAGES = 5
 
@@ -278,15 +282,17 @@ class BatchClient:
                 await asyncio.sleep(self._delay(exc, attempts))
 
     async def _lines_from(self, url: str, offset: int) -> AsyncIterator[tuple[bytes, int]]:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # A range counts bytes of the encoded body: a resumed download asks for it unencoded.
+        headers = {"Range": f"bytes={offset}-", "Accept-Encoding": "identity"} if offset else {}
         async with self._http.stream("GET", url, headers=headers) as response:
             if response.status_code not in (200, 206):
-                content = await response.aread()
-                raise error_from_response(response.status_code, content[:_MAX_JSON_BYTES],
+                content = await read_capped(response, max_bytes=_MAX_JSON_BYTES, what=f"error answer from {url}")
+                raise error_from_response(response.status_code, content,
                                           retry_after=parse_retry_after(response.headers), secrets=self._secrets)
             skip = offset if response.status_code == 200 else 0  # the server ignored the range
             pending = bytearray()
-            async for chunk in response.aiter_bytes():
+            # Decoded with a bound per piece (no gzip bomb); the file as a whole may be large, each line may not.
+            async for chunk in iter_capped(response, max_bytes=_MAX_FILE_BYTES, what=f"batch file {url}"):
                 if skip:
                     dropped = min(skip, len(chunk))
                     chunk, skip = chunk[dropped:], skip - dropped
@@ -325,12 +331,8 @@ class BatchClient:
     async def _request(self, method: str, url: str, **options: Any) -> _Answer:
         """One exchange whose body is read under :data:`_MAX_JSON_BYTES` (a gateway is untrusted)."""
         async with self._http.stream(method, url, **options) as response:
-            content = bytearray()
-            async for chunk in response.aiter_bytes():
-                content += chunk
-                if len(content) > _MAX_JSON_BYTES:
-                    raise MalformedResponseError(f"batch API answer larger than {_MAX_JSON_BYTES} bytes")
-        return _Answer(response.status_code, response.headers, bytes(content))
+            content = await read_capped(response, max_bytes=_MAX_JSON_BYTES, what=f"batch API answer from {url}")
+        return _Answer(response.status_code, response.headers, content)
 
     def _checked_json(self, response: _Answer) -> Any:
         content = response.content
