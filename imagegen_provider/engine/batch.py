@@ -168,7 +168,7 @@ class BatchApiRunner(BatchRunner):
             for task in background:
                 task.cancel()
             await self._flush(sink)
-        progress.skipped = len(self._done - self._recorded)
+        progress.skipped = await asyncio.to_thread(self._count_skipped, table)
         progress.log()
         return progress
 
@@ -185,6 +185,10 @@ class BatchApiRunner(BatchRunner):
             await self._cancel_live()
         if self._live and self._stop_reason is None:
             self._stop_reason = self._pending_message()
+
+    def _count_skipped(self, table: PromptTable) -> int:
+        """Images of this shard stored before this run (another shard's images are not this run's)."""
+        return sum(1 for job in self._jobs(table) if job.key in self._done and job.key not in self._recorded)
 
     def _pending_message(self) -> str:
         ids = ", ".join(m.batch_id or f"(submission {m.submission})" for m in self._live[:5])
@@ -447,7 +451,8 @@ class BatchApiRunner(BatchRunner):
         deadline = time.monotonic() + self.options.timeout
         while self._live and not self._halted:
             for manifest in list(self._live):
-                await self._refresh(manifest)
+                if not await self._look(manifest):
+                    continue
                 if manifest.state in ENDED_STATES:
                     self._live.remove(manifest)
                     await self._collect(manifest, table, sink, progress)
@@ -463,6 +468,21 @@ class BatchApiRunner(BatchRunner):
                 await asyncio.wait_for(self._wake.wait(), timeout=min(self.options.poll_interval, remaining))
         if self._halted and self.options.cancel_on_stop:
             await self._cancel_live()
+
+    async def _look(self, manifest: BatchManifest) -> bool:
+        """Refresh one live batch while waiting; a gateway that fails to answer is asked again at the next poll
+        (the timeout bounds the wait), one that refuses the key stops the run."""
+        try:
+            await self._refresh(manifest)
+        except ImageGenError as exc:
+            message = self._redact(str(exc))
+            if exc.fatal:
+                self._stop(f"fatal gateway error while waiting for batch {manifest.batch_id}: {message}", halt=True)
+            else:
+                log.warning("Could not look at batch %s (%s); asking again in %g s", manifest.batch_id, message,
+                            self.options.poll_interval)
+            return False
+        return True
 
     def _batch_line(self) -> str:
         counts = [m.request_counts for m in self._live]
