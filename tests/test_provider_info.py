@@ -18,13 +18,19 @@ import pytest
 
 import imagegen_provider
 from imagegen_provider import get_provider_info
-from imagegen_provider.transport.settings import _EXTRA_READERS
+from imagegen_provider.transport import options
+from imagegen_provider.transport.settings import declared_options
 from imagegen_provider.wire.dialects import DIALECTS
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 AIRFLOW_PACKAGE = Path(airflow.__file__).parent
-JSON_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean", dict: "object"}
+#: The JSON type a connection-form field must allow for each reader of a declared setting.
+JSON_TYPES = {
+    options.read_str: "string", options.read_url: "string", options.read_float: "number",
+    options.read_int: "integer", options.read_bool: "boolean", options.read_json_object: "object",
+}
+EXTRA_READERS = {opt.extra: opt.reader for _, opt in declared_options() if opt.extra}
 
 PROBE = """
 import json
@@ -96,10 +102,10 @@ def test_form_fields_are_extras_the_hook_reads(info):
     """A field in the connection form that the hook ignored would be a setting that silently does nothing."""
     [connection_type] = info["connection-types"]
     fields = connection_type["conn-fields"]
-    assert set(fields) <= set(_EXTRA_READERS)
+    assert set(fields) <= set(EXTRA_READERS)
     for name, field in fields.items():
         types = field["schema"]["type"]
-        assert JSON_TYPES[_EXTRA_READERS[name]] in types, name
+        assert JSON_TYPES.get(EXTRA_READERS[name], "string") in types, name
     assert fields["dialect"]["schema"]["enum"] == list(DIALECTS)
     hidden = connection_type["ui-field-behaviour"]["hidden-fields"]
     assert "password" not in hidden and "host" not in hidden
