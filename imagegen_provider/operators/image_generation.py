@@ -18,16 +18,48 @@ from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
 from imagegen_provider.transport.client import quiet_request_logs
+from imagegen_provider.wire.errors import BadRequestError, ImageGenError, RequestValidationError
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 log = logging.getLogger(__name__)
 
-#: Failures that a retry of the task would not fix; they never fail the task on their own.
-PERMANENT_FAILURES = frozenset({"InvalidRow", "RequestValidationError", "ContentPolicyError", "BadRequestError"})
+#: The runner's failure kind for a row that never became a request (null prompt, bad override): the row's own
+#: fault, like a permanent error.
+INVALID_ROW = "InvalidRow"
 
 _REQUEST_FIELDS = ("model", "size", "quality", "style", "response_format")
+
+
+def _error_classes() -> dict[str, type[ImageGenError]]:
+    """Every ``ImageGenError`` subclass by name: the run summary counts failures by class name (it is XCom)."""
+    found: dict[str, type[ImageGenError]] = {}
+    pending: list[type[ImageGenError]] = [ImageGenError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.__name__, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def is_permanent_failure(kind: str) -> bool:
+    """Whether a failure kind is the row's own fault (a task retry would fail it again).
+
+    Reads the error class's ``permanent`` flag; errors.py without the flag: bad requests and validation.
+    """
+    if kind == INVALID_ROW:
+        return True
+    cls = _error_classes().get(kind)
+    if cls is None:
+        return False
+    return bool(getattr(cls, "permanent", issubclass(cls, (BadRequestError, RequestValidationError))))
+
+
+def is_fatal_failure(kind: str) -> bool:
+    """Whether a failure kind stops the whole run (bad key, no balance, open circuit, storage)."""
+    cls = _error_classes().get(kind)
+    return cls is not None and bool(getattr(cls, "fatal", False))
 
 
 def metadata_asset_for(output_path: Any) -> Asset | None:
@@ -132,7 +164,8 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         "max_cost_usd",
         "shard",
     )
-    template_fields_renderers = {"request_params": "json", "shard": "json"}
+    # BaseOperator declares it a plain class attribute, so no ClassVar here.
+    template_fields_renderers = {"request_params": "json", "shard": "json"}  # noqa: RUF012
     ui_color = "#f0e4ff"
 
     def __init__(
@@ -148,12 +181,12 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         response_format: str | None = None,
         request_params: Mapping[str, Any] | None = None,
         images_per_prompt: int = 1,
-        seed: int = 0,
+        seed: int | str = 0,
         prompt_column: str = "prompt",
         id_column: str = "id",
         shard: Mapping[str, Any] | None = None,
         finalize: bool | None = None,
-        max_cost_usd: float | None = None,
+        max_cost_usd: float | str | None = None,
         dry_run: bool = False,
         max_failed_fraction: float = 0.0,
         rate_limits: Mapping[str, Any] | None = None,
@@ -188,7 +221,8 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         self.shard = shard
         self.finalize = finalize
         self.max_cost_usd = max_cost_usd
-        self.dry_run = dry_run
+        # Not ``self.dry_run``: that would hide ``BaseOperator.dry_run()``.
+        self.estimate_only = dry_run
         self.max_failed_fraction = max_failed_fraction
         self.rate_limits = dict(rate_limits or {})
         self.prices = prices
@@ -224,7 +258,7 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             row_stop=int(shard["stop"]) if shard.get("stop") is not None else None,
             shard=shard.get("label"),
             max_cost_usd=float(self.max_cost_usd) if self.max_cost_usd not in (None, "") else None,
-            dry_run=self.dry_run,
+            dry_run=self.estimate_only,
             prices=prices,
             run_id=context["run_id"],
             labels={"dag_id": context["dag"].dag_id, "task_id": self.task_id},
@@ -264,10 +298,11 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
 
     def _raise_for(self, summary: RunSummary) -> None:
         reason = summary.stopped_reason or ""
-        if reason.startswith("fatal"):
+        fatal = [kind for kind in summary.failures_by_type if is_fatal_failure(kind)]
+        if reason.startswith("fatal") or fatal:
             # A bad key or an empty balance: retrying the task cannot help.
-            raise AirflowFailException(f"Image generation stopped: {reason}")
-        transient = sum(n for kind, n in summary.failures_by_type.items() if kind not in PERMANENT_FAILURES)
+            raise AirflowFailException(f"Image generation stopped: {reason or 'fatal ' + ', '.join(fatal)}")
+        transient = sum(n for kind, n in summary.failures_by_type.items() if not is_permanent_failure(kind))
         attempted = summary.succeeded + summary.failed
         if attempted and transient / attempted > self.max_failed_fraction:
             raise AirflowException(
