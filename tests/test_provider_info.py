@@ -29,18 +29,28 @@ JSON_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean", d
 PROBE = """
 import json
 from airflow.providers_manager import ProvidersManager
-from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
 pm = ProvidersManager()
-hook = ProvidersManagerTaskRuntime().hooks.get("imagegen")
+try:
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
+    hook = ProvidersManagerTaskRuntime().hooks.get("imagegen")
+except ImportError:  # Airflow < 3.2: the hooks are the core ProvidersManager's
+    hook = pm.hooks.get("imagegen")
 provider = pm.providers.get("airflow-provider-imagegen")
+try:
+    from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
+    [form] = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "imagegen"]
+    form = {"extra_fields": form.extra_fields, "standard_fields": form.standard_fields.model_dump()}
+except ImportError:
+    form = None
 print(json.dumps({
+    "form": form,
     "provider_version": provider.version if provider else None,
     "hook": None if hook is None else {
         "class": hook.hook_class_name, "conn_attr": hook.connection_id_attribute_name,
         "package": hook.package_name, "name": hook.hook_name, "testable": hook.connection_testable,
     },
-    "widgets": {k: v.field for k, v in pm.connection_form_widgets.items() if k.startswith("extra__imagegen__")},
+    "widget_names": sorted(k for k in pm.connection_form_widgets if k.startswith("extra__imagegen__")),
     "behaviour": pm.field_behaviours.get("imagegen"),
 }))
 """
@@ -123,7 +133,9 @@ def test_airflow_discovers_the_provider():
     assert listing.returncode == 0, listed_err[-2000:]
     assert probe.returncode == 0, probe_err[-2000:]
 
-    providers = {p["package_name"]: p for p in json.loads(listed_out[listed_out.index("["):])}
+    # Airflow 3.0 prints log lines (starting with "[<timestamp>]") to stdout before the JSON array.
+    listing_json = next(line for line in listed_out.splitlines() if line.startswith("[{"))
+    providers = {p["package_name"]: p for p in json.loads(listing_json)}
     assert providers[PYPROJECT["name"]]["version"] == PYPROJECT["version"]
 
     found = json.loads(probe_out.strip().splitlines()[-1])
@@ -136,9 +148,17 @@ def test_airflow_discovers_the_provider():
         "testable": True,
     }
     [connection_type] = get_provider_info()["connection-types"]
-    assert set(found["widgets"]) == {f"extra__imagegen__{name}" for name in connection_type["conn-fields"]}
-    assert found["widgets"]["extra__imagegen__dialect"]["value"] == "openai"
-    assert found["widgets"]["extra__imagegen__rpm"]["schema"]["title"] == "Requests per minute"
+    assert set(found["widget_names"]) == {f"extra__imagegen__{name}" for name in connection_type["conn-fields"]}
+    # The form the UI renders (Airflow 3.2+: from conn-fields; 3.0/3.1: from the hook's wtforms widgets).
+    fields = found["form"]["extra_fields"]
+    assert set(fields) == set(connection_type["conn-fields"])
+    assert fields["dialect"]["value"] == "openai"
+    assert fields["dialect"]["schema"]["enum"] == list(DIALECTS)
+    assert fields["rpm"]["schema"]["title"] == "Requests per minute"
+    assert "integer" in fields["max_attempts"]["schema"]["type"]
+    assert "boolean" in fields["accepts_seed"]["schema"]["type"]
+    assert found["form"]["standard_fields"]["password"]["title"] == "API key"
+    assert found["form"]["standard_fields"]["login"]["hidden"] is True
     behaviour = found["behaviour"]
     assert behaviour["hidden_fields"] == ["login"]
     assert behaviour["relabeling"] == {"password": "API key", "schema": "Path prefix"}

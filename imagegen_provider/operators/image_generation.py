@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow.sdk import Asset, BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from imagegen_provider.engine.finalize import DATASET_TABLE, FinalizeReport, finalize_output
 from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
+from imagegen_provider.hooks._airflow import AirflowException, AirflowFailException
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
 from imagegen_provider.transport.client import quiet_request_logs
 from imagegen_provider.wire.errors import BadRequestError, ImageGenError, RequestValidationError
