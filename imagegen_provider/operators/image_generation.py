@@ -17,11 +17,15 @@ from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
 from imagegen_provider.hooks._airflow import AirflowException, AirflowFailException
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
+from imagegen_provider.operators.links import ImageOutputLink, RunSummaryLink
 from imagegen_provider.transport.client import quiet_request_logs
 from imagegen_provider.wire.errors import BadRequestError, ImageGenError, RequestValidationError
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
     from airflow.sdk import Context
+
+    from imagegen_provider.operators.lineage import ImageGenerationRunFacet
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +94,24 @@ def _with_outlet(asset: Asset | bool | None, kwargs: dict[str, Any]) -> Asset | 
     return asset
 
 
+#: Engine warnings about the configuration rather than about events (a dialect that cannot send the seed, a
+#: budget that cannot be enforced): every shard of a run would repeat them word for word.
+_CONFIGURATION_WARNINGS = frozenset({"_warn_dropped", "_warn_unenforceable"})
+
+
+class _ConfigurationWarningsOncePerRun(logging.Filter):
+    """Lets the first shard of a mapped task say it; the other shards log the same lines at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.funcName in _CONFIGURATION_WARNINGS:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.msg} (as warned by the first shard)"
+        return True
+
+
 class _WritesDataset:
-    """What both operators do at the end: finalize the output and announce the dataset Asset."""
+    """What both operators share: finalize the output, announce the dataset Asset, describe their lineage and
+    stop cleanly when Airflow kills the task."""
 
     output_path: Any
     prompts_path: Any
@@ -99,6 +119,52 @@ class _WritesDataset:
     id_column: str
     images_per_prompt: int
     metadata_asset: Asset | None
+    #: The running batch and its event loop, for ``on_kill`` (set while ``execute`` runs a batch).
+    _runner: BatchRunner | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _main: asyncio.Task[Any] | None = None
+    _killed: str | None = None
+
+    @property
+    def writes_dataset_table(self) -> bool:
+        """Whether this task writes ``metadata.parquet`` (and ``run_summary.json``)."""
+        return True
+
+    def on_kill(self) -> None:
+        """Airflow's SIGTERM (a user marking the task failed, a timeout, a scheduler shutdown): stop dispatching
+        at once, cancel the requests in flight, flush the journal; the output stays resumable.
+
+        Runs in a signal handler on the thread of the event loop: it only schedules the stop.
+        """
+        self._killed = "task killed by Airflow (on_kill)"
+        runner, loop = self._runner, self._loop
+        if runner is None or loop is None:
+            log.info("on_kill: no batch running")
+            return
+        if hasattr(runner, "request_stop"):
+            runner.request_stop(self._killed)
+        elif self._main is not None:
+            # Engines without request_stop: cancelling the run still flushes its sink (``finally``).
+            loop.call_soon_threadsafe(self._main.cancel)
+        log.warning("on_kill: stopping the batch; nothing more is sent, a rerun resumes from %s", self.output_path)
+
+    def _lineage(
+        self, *, run_facet: ImageGenerationRunFacet | None = None, rows: int | None = None
+    ) -> OperatorLineage[Any, Any]:
+        from imagegen_provider.operators.lineage import operator_lineage
+
+        return operator_lineage(
+            prompts=self.prompts_path,
+            output=self.output_path,
+            metadata_table=DATASET_TABLE if self.writes_dataset_table else "metadata",
+            run_facet=run_facet,
+            rows_written=rows,
+        )
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage[Any, Any]:
+        """OpenLineage (``apache-airflow-providers-openlineage``): the prompt table in; the images folder and
+        the metadata table out."""
+        return self._lineage()
 
     def _finalize(self) -> FinalizeReport:
         return finalize_output(
@@ -167,6 +233,10 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
     # BaseOperator declares it a plain class attribute, so no ClassVar here.
     template_fields_renderers = {"request_params": "json", "shard": "json"}  # noqa: RUF012
     ui_color = "#f0e4ff"
+    operator_extra_links = (ImageOutputLink(), RunSummaryLink())
+
+    #: Names a mapped shard in the UI by its rows ("rows 0-5000") instead of its map index.
+    SHARD_MAP_INDEX_TEMPLATE = "rows {{ task.shard.start }}-{{ task.shard.stop }}"
 
     def __init__(
         self,
@@ -201,6 +271,8 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             writes_table = finalize if finalize is not None else shard is None
             metadata_asset = metadata_asset_for(output_path) if writes_table else None
         outlet = _with_outlet(metadata_asset, kwargs)
+        if shard is not None and kwargs.get("map_index_template") is None:
+            kwargs["map_index_template"] = self.SHARD_MAP_INDEX_TEMPLATE
         super().__init__(**kwargs)
         self.metadata_asset = outlet
         self.prompts_path = prompts_path
@@ -232,6 +304,10 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
     def hook(self) -> ImageGenerationHook:
         return ImageGenerationHook(imagegen_conn_id=self.imagegen_conn_id)
 
+    @property
+    def writes_dataset_table(self) -> bool:
+        return self.finalize if self.finalize is not None else self.shard is None
+
     def _request_defaults(self) -> dict[str, Any]:
         defaults = dict(self.request_params)
         for name in _REQUEST_FIELDS:
@@ -246,6 +322,10 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         shard = dict(self.shard or {})
         settings = self.hook.settings
         prices = {**(settings.prices or {}), **(self.prices or {})} or None
+        extra: dict[str, Any] = {}
+        if "simulated" in RunConfig.__dataclass_fields__:
+            # The bundled gateway's images are placeholders and its charges simulated: label the rows so.
+            extra["simulated"] = settings.is_local
         return RunConfig(
             prompts=self.prompts_path,
             output=self.output_path,
@@ -264,25 +344,51 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             labels={"dag_id": context["dag"].dag_id, "task_id": self.task_id},
             provider=settings.provider,
             progress_interval=self.progress_interval,
+            **extra,
         )
 
     async def _run(self, config: RunConfig) -> RunSummary:
+        self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
         if config.dry_run:
             return await BatchRunner(config, client=None).run()
         async with self.hook.get_client(**self.rate_limits) as client:
-            return await BatchRunner(config, client=client).run()
+            self._runner = BatchRunner(config, client=client)
+            if self._killed:  # killed while the client was opening: send nothing
+                raise asyncio.CancelledError
+            return await self._runner.run()
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def _generate(self, context: Context) -> RunSummary:
         config = self._run_config(context)
         self.log.info(
             "Generating from %s into %s through %s",
             self.prompts_path, self.output_path, self.hook.settings.describe(),
         )
-        with quiet_request_logs():
-            summary = asyncio.run(self._run(config))
+        repeat_filter = _ConfigurationWarningsOncePerRun()
+        # A logger's filters see only its own records, not its children's: attach to the runner's logger.
+        runner_log = logging.getLogger(BatchRunner.__module__)
+        if getattr(context.get("ti"), "map_index", -1) > 0:
+            runner_log.addFilter(repeat_filter)
+        try:
+            with quiet_request_logs():
+                return asyncio.run(self._run(config))
+        except asyncio.CancelledError:
+            raise AirflowException(
+                f"Image generation stopped: {self._killed or 'cancelled'}; a rerun resumes from {self.output_path}"
+            ) from None
+        finally:
+            self._runner = self._loop = self._main = None
+            runner_log.removeFilter(repeat_filter)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        summary = self._generate(context)
+        self._summary = summary
+        if self._killed:
+            # No dataset table and no Asset event for a batch cut short: the rerun finishes and announces it.
+            raise AirflowException(
+                f"Image generation stopped: {self._killed}; a rerun resumes from {summary.output_uri}"
+            )
         result: dict[str, Any] = {"run": summary.to_dict()}
-        should_finalize = self.finalize if self.finalize is not None else self.shard is None
-        report = self._finalize() if should_finalize and not summary.dry_run else None
+        report = self._finalize() if self.writes_dataset_table and not summary.dry_run else None
         if report is not None:
             result["dataset"] = report.brief()
         self._emit_dataset_event(
@@ -295,6 +401,34 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         )
         self._raise_for(summary)
         return result
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any]:
+        """OpenLineage: inputs and outputs as on start, plus the run's model, image counts and cost."""
+        from imagegen_provider.operators.lineage import ImageGenerationRunFacet
+
+        summary: RunSummary | None = getattr(self, "_summary", None)
+        if summary is None:
+            return self._lineage()
+        facet = ImageGenerationRunFacet(
+            model=self._model_for_lineage(),
+            images_total=summary.total_images,
+            images_succeeded=summary.succeeded,
+            images_failed=summary.failed,
+            images_skipped=summary.skipped_existing,
+            cost_usd=summary.cost_usd,
+            estimated_cost_usd=summary.estimated_cost_usd,
+            simulated=self.hook.settings.is_local,
+            dry_run=summary.dry_run,
+            shard=summary.shard,
+        )
+        return self._lineage(run_facet=facet, rows=summary.succeeded)
+
+    def _model_for_lineage(self) -> str | None:
+        try:
+            model = self._request_defaults().get("model")
+        except Exception:  # lineage never fails a task: a broken connection was reported by execute already
+            return self.model
+        return str(model) if model is not None else None
 
     def _raise_for(self, summary: RunSummary) -> None:
         reason = summary.stopped_reason or ""
@@ -324,6 +458,7 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
     """
 
     template_fields: Sequence[str] = ("output_path", "prompts_path")
+    operator_extra_links = (ImageOutputLink(), RunSummaryLink())
 
     def __init__(
         self,
@@ -351,6 +486,7 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         report = self._finalize()
+        self._report = report
         for prompt_id, index, error_type in report.failed_images[:50]:
             self.log.warning("Failed image: %s #%s (%s)", prompt_id, index, error_type)
         for prompt_id, index in report.missing_images[:50]:
@@ -368,6 +504,22 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
                 f"(see {report.summary_uri})"
             )
         return {"dataset": report.brief()}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any]:
+        """OpenLineage: the prompt table in; the images and the dataset table out; the dataset's counts and
+        cost (over every shard and run) as the run facet."""
+        from imagegen_provider.operators.lineage import ImageGenerationRunFacet
+
+        report: FinalizeReport | None = getattr(self, "_report", None)
+        if report is None:
+            return self._lineage()
+        facet = ImageGenerationRunFacet(
+            images_total=report.expected_images,
+            images_succeeded=report.succeeded,
+            images_failed=report.failed,
+            cost_usd=report.total_cost_usd,
+        )
+        return self._lineage(run_facet=facet, rows=report.succeeded)
 
 
 def plan_prompt_shards(
