@@ -235,9 +235,6 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
     ui_color = "#f0e4ff"
     operator_extra_links = (ImageOutputLink(), RunSummaryLink())
 
-    #: Names a mapped shard in the UI by its rows ("rows 0-5000") instead of its map index.
-    SHARD_MAP_INDEX_TEMPLATE = "rows {{ task.shard.start }}-{{ task.shard.stop }}"
-
     def __init__(
         self,
         *,
@@ -271,8 +268,6 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             writes_table = finalize if finalize is not None else shard is None
             metadata_asset = metadata_asset_for(output_path) if writes_table else None
         outlet = _with_outlet(metadata_asset, kwargs)
-        if shard is not None and kwargs.get("map_index_template") is None:
-            kwargs["map_index_template"] = self.SHARD_MAP_INDEX_TEMPLATE
         super().__init__(**kwargs)
         self.metadata_asset = outlet
         self.prompts_path = prompts_path
@@ -379,7 +374,17 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             self._runner = self._loop = self._main = None
             runner_log.removeFilter(repeat_filter)
 
+    def _name_shard(self, context: Context) -> None:
+        """Name a mapped shard in the UI by its rows ("rows 0-5000") rather than its map index, unless the DAG
+        set a ``map_index_template``. Airflow renders the context's template after ``execute``; the context was
+        built from the mapped task, before this shard's rows were known, hence the plain string set here."""
+        if self.shard is not None and not context.get("map_index_template"):
+            shard = dict(self.shard)
+            stop = shard.get("stop")
+            context["map_index_template"] = f"rows {shard.get('start', 0)}-{'end' if stop is None else stop}"
+
     def execute(self, context: Context) -> dict[str, Any]:
+        self._name_shard(context)
         summary = self._generate(context)
         self._summary = summary
         if self._killed:

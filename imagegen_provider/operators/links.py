@@ -20,7 +20,8 @@ def browser_url(location: Any) -> str:
     for a local path, the URL for http(s); ``""`` (no link) for stores without a known console."""
     text = str(location)
     if "://" not in text:
-        return "file://" + quote(os.path.abspath(text))
+        folder = "/" if text.endswith("/") else ""  # abspath drops it; a folder link keeps it
+        return "file://" + quote(os.path.abspath(text)) + folder
     parts = urlsplit(text)
     bucket = parts.netloc.rpartition("@")[2]  # an ObjectStoragePath prints its conn id as user info
     key = parts.path.lstrip("/")

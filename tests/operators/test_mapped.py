@@ -72,6 +72,21 @@ def asset_events(uri: str, run_id: str) -> list[dict]:
     return [{"source_task_id": t, "source_map_index": m, "extra": e} for t, m, e in rows]
 
 
+def link_value(run, task_id: str, map_index: int, key: str):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalars(
+            select(XComModel).where(
+                XComModel.key == key, XComModel.run_id == run.run_id, XComModel.dag_id == run.dag_id,
+                XComModel.task_id == task_id, XComModel.map_index == map_index,
+            )
+        ).first()
+        return XComModel.deserialize_value(row) if row is not None else None
+
+
 def test_plan_prompt_shards(tmp_path):
     prompts = write_prompts(tmp_path / "p.parquet", [f"prompt {i}" for i in range(7)])
     shards = plan_prompt_shards(str(prompts), shard_size=3)
@@ -101,6 +116,12 @@ def test_mapped_shards_then_finalize_match_an_unsharded_run(airflow_db, tmp_path
         ("generate_shard", i): "success" for i in range(3)
     }
     assert states[("finalize", -1)] == "success"
+    # The UI names each shard by its rows.
+    names = {ti.map_index: ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "generate_shard"}
+    assert names == {0: "rows 0-3", 1: "rows 3-6", 2: "rows 6-7"}
+    # The extra links were computed in the worker and kept for the UI.
+    assert link_value(run, "generate_shard", 1, "_link_ImageOutputLink") == f"file://{sharded_out}/images/"
+    assert link_value(run, "finalize", -1, "_link_RunSummaryLink") == f"file://{sharded_out}/run_summary.json"
 
     sharded = pd.read_parquet(sharded_out / "metadata.parquet")
     assert list(sharded.columns) == list(COLUMNS)
