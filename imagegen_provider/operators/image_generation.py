@@ -109,6 +109,11 @@ class _ConfigurationWarningsOncePerRun(logging.Filter):
         return True
 
 
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+
+
 class _WritesDataset:
     """What both operators share: finalize the output, announce the dataset Asset, describe their lineage and
     stop cleanly when Airflow kills the task."""
@@ -122,7 +127,6 @@ class _WritesDataset:
     #: The running batch and its event loop, for ``on_kill`` (set while ``execute`` runs a batch).
     _runner: BatchRunner | None = None
     _loop: asyncio.AbstractEventLoop | None = None
-    _main: asyncio.Task[Any] | None = None
     _killed: str | None = None
 
     @property
@@ -143,9 +147,10 @@ class _WritesDataset:
             return
         if hasattr(runner, "request_stop"):
             runner.request_stop(self._killed)
-        elif self._main is not None:
-            # Engines without request_stop: cancelling the run still flushes its sink (``finally``).
-            loop.call_soon_threadsafe(self._main.cancel)
+        else:
+            # Engines without request_stop: cancel every task of the run (the queued ones too, or they would
+            # send as slots free up); the run's ``finally`` still flushes what was recorded.
+            loop.call_soon_threadsafe(_cancel_all, loop)
         log.warning("on_kill: stopping the batch; nothing more is sent, a rerun resumes from %s", self.output_path)
 
     def _lineage(
@@ -343,7 +348,7 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         )
 
     async def _run(self, config: RunConfig) -> RunSummary:
-        self._loop, self._main = asyncio.get_running_loop(), asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
         if config.dry_run:
             return await BatchRunner(config, client=None).run()
         async with self.hook.get_client(**self.rate_limits) as client:
@@ -371,7 +376,7 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
                 f"Image generation stopped: {self._killed or 'cancelled'}; a rerun resumes from {self.output_path}"
             ) from None
         finally:
-            self._runner = self._loop = self._main = None
+            self._runner = self._loop = None
             runner_log.removeFilter(repeat_filter)
 
     def _name_shard(self, context: Context) -> None:
