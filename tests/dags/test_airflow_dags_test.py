@@ -25,9 +25,9 @@ def airflow_cli() -> str:
     return shutil.which("airflow", path=os.path.dirname(sys.executable)) or "airflow"
 
 
-def run_dag(dag_id: str, env: dict[str, str]) -> str:
+def run_dag(dag_id: str, env: dict[str, str], conf: dict | None = None) -> str:
     process = subprocess.run(
-        [airflow_cli(), "dags", "test", dag_id],
+        [airflow_cli(), "dags", "test", dag_id, *(["--conf", json.dumps(conf)] if conf else [])],
         env=env, cwd=str(REPO), capture_output=True, text=True, timeout=240,
     )
     output = process.stdout + process.stderr
@@ -97,14 +97,26 @@ def test_synthetic_dataset_then_cost_report(airflow_env, tmp_path):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
 
+    history = pd.read_parquet(out / "metadata")
+    real = history[history.cost_source != "simulated"]
+    reports = tmp_path / "output" / "reports"
+
+    # By default the bundled gateway's simulated charges are not spend.
     log = run_dag("cost_report", airflow_env)
     assert SECRET not in log
-    reports = tmp_path / "output" / "reports"
+    report = pd.read_parquet(reports / "cost_report.parquet")
+    assert float(report.cost_usd.sum()) == pytest.approx(float(real.cost_usd.sum()), abs=1e-5)
+    assert int(report.images_succeeded.sum()) == int((real.status == "succeeded").sum())
+
+    # Asked for, they are counted.
+    run_dag("cost_report", airflow_env, conf={"include_simulated": True})
     report = pd.read_parquet(reports / "cost_report.parquet")
     assert len(report) >= 1
     assert set(report.dag_id) == {"synthetic_dataset"} and set(report.model) == {"gpt-image-1"}
     assert int(report.images_succeeded.sum()) == len(table)
     assert float(report.cost_usd.sum()) == pytest.approx(metadata_cost, abs=1e-5)
     assert float(report.cost_usd.sum()) == pytest.approx(float(table.cost_usd.sum()), abs=1e-5)
+    if "api" in history.columns:  # sync vs batch spend, once the metadata records the API used
+        assert "api" in report.columns
     with Image.open(reports / "cost_report.png") as chart:
         assert chart.format == "PNG" and chart.size[0] > 100
