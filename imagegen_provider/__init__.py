@@ -38,6 +38,10 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["imagegen_provider.operators.image_generation"],
             }
         ],
+        "extra-links": [
+            "imagegen_provider.operators.links.ImageOutputLink",
+            "imagegen_provider.operators.links.RunSummaryLink",
+        ],
         "connection-types": [
             {
                 "connection-type": "imagegen",

@@ -7,6 +7,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -162,3 +163,73 @@ def test_airflow_discovers_the_provider():
     behaviour = found["behaviour"]
     assert behaviour["hidden_fields"] == ["login"]
     assert behaviour["relabeling"] == {"password": "API key", "schema": "Path prefix"}
+
+
+def test_extra_links_are_registered(info):
+    from airflow.sdk import BaseOperatorLink
+
+    from imagegen_provider.operators.image_generation import ImageGenerationOperator
+
+    for path in info["extra-links"]:
+        module_name, _, class_name = path.rpartition(".")
+        link = getattr(importlib.import_module(module_name), class_name)
+        assert issubclass(link, BaseOperatorLink)
+    declared = {f"{type(link).__module__}.{type(link).__name__}" for link in ImageGenerationOperator.operator_extra_links}
+    assert declared == set(info["extra-links"])
+
+
+def _source_copy(destination: Path) -> Path:
+    """The repository's tracked files (what a release is built from), away from build leftovers and venvs."""
+    listing = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
+    for name in filter(None, listing.stdout.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    return destination
+
+
+def test_release_artifacts(tmp_path):
+    """``python -m build`` (isolated: setuptools from the index) then ``twine check``: the wheel is a typed
+    Airflow provider with its licence, the sdist carries no tests at all (rather than half of them)."""
+    import tarfile
+    import zipfile
+    from email.parser import Parser
+
+    pytest.importorskip("build")
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs the git checkout to list the release's files")
+    source = _source_copy(tmp_path / "src")
+    dist = tmp_path / "dist"
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(dist), str(source)], capture_output=True, text=True
+    )
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
+    [wheel] = dist.glob("*.whl")
+    [sdist] = dist.glob("*.tar.gz")
+    checked = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        [metadata_name] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = Parser().parsestr(archive.read(metadata_name).decode())
+        [license_name] = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert "Apache License" in archive.read(license_name).decode()
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        assert "imagegen_provider:get_provider_info" in archive.read(entry_points).decode()
+    assert "imagegen_provider/py.typed" in names
+    assert "imagegen_provider/data/prices.json" in names
+    assert "Framework :: Apache Airflow :: Provider" in metadata.get_all("Classifier")
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert metadata["Name"] == PYPROJECT["name"] and metadata["Version"] == PYPROJECT["version"]
+    assert metadata.get_all("Project-URL")
+    assert not any(n.startswith("tests/") for n in names)
+
+    with tarfile.open(sdist) as archive:
+        members = [m.name.split("/", 1)[1] for m in archive.getmembers() if "/" in m.name]
+    assert "LICENSE" in members and "imagegen_provider/py.typed" in members
+    assert not [m for m in members if m.startswith("tests")], "the sdist must not carry part of the tests"

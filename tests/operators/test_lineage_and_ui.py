@@ -101,9 +101,8 @@ def test_events_through_the_openlineage_listener(airflow_db, prompts_file, tmp_p
     """The real listener (the provider's plugin) with OpenLineage's file transport: the START and COMPLETE
     events of the task list the prompt table as input and the dataset as outputs."""
     events_file = tmp_path / "openlineage.jsonl"
-    monkeypatch.setenv(
-        "AIRFLOW__OPENLINEAGE__TRANSPORT", json.dumps({"type": "file", "log_file_path": str(events_file), "append": True})
-    )
+    transport = {"type": "file", "log_file_path": str(events_file), "append": True}
+    monkeypatch.setenv("AIRFLOW__OPENLINEAGE__TRANSPORT", json.dumps(transport))
     monkeypatch.setenv("AIRFLOW__OPENLINEAGE__NAMESPACE", "imagegen-tests")
     dag_id = "imagegen_test_openlineage"
     output = tmp_path / "out"
