@@ -15,9 +15,12 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ] || [ "$constraints" -nt "$stamp" ]; then
     echo ">> installing Airflow $(grep -m1 '^apache-airflow==' "$constraints" | cut -d= -f3) and the provider into $venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -c "$constraints" "apache-airflow" wtforms
+    # wtforms: Airflow < 3.2 builds the connection form from the hook's wtforms fields (tested here).
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -c "$constraints" "apache-airflow" wtforms \
+        2>&1 | { grep -v "^WARNING: Location" || true; }
     # The project's own dependencies (and test tools) on top, keeping Airflow's pins.
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -c "$constraints" -e "$repo[test]"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -c "$constraints" -e "$repo[test]" \
+        2>&1 | { grep -v "^WARNING: Location" || true; }
     touch "$stamp"
 fi
 home="$(mktemp -d)"

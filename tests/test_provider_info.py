@@ -174,7 +174,8 @@ def test_extra_links_are_registered(info):
         module_name, _, class_name = path.rpartition(".")
         link = getattr(importlib.import_module(module_name), class_name)
         assert issubclass(link, BaseOperatorLink)
-    declared = {f"{type(link).__module__}.{type(link).__name__}" for link in ImageGenerationOperator.operator_extra_links}
+    links = ImageGenerationOperator.operator_extra_links
+    declared = {f"{type(link).__module__}.{type(link).__name__}" for link in links}
     assert declared == set(info["extra-links"])
 
 
