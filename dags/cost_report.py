@@ -104,9 +104,10 @@ with DAG(
         chart_path = os.path.join(reports, "cost_report.png")
         frame.to_parquet(table_path, index=False)
         plot_cost_report(frame, chart_path)
+        # Empty without an ``api`` column (not None: Airflow 3.0 refuses a None XCom of a multiple-outputs task).
         spend_by_api = (
             {str(k): round(float(v), 6) for k, v in frame.groupby("api")["cost_usd"].sum().items()}
-            if "api" in frame.columns else None
+            if "api" in frame.columns else {}
         )
         return {
             "report": table_path,
