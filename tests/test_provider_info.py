@@ -31,6 +31,14 @@ PROBE = """
 import json
 from airflow.providers_manager import ProvidersManager
 
+# The UI's form first: Airflow < 3.2 builds it with mocked wtforms classes, and only if no one initialised the
+# ProvidersManager's widgets with the real ones before (as the API server does).
+try:
+    from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
+    [form] = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "imagegen"]
+    form = {"extra_fields": form.extra_fields, "standard_fields": form.standard_fields.model_dump()}
+except ImportError:
+    form = None
 pm = ProvidersManager()
 try:
     from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
@@ -38,12 +46,6 @@ try:
 except ImportError:  # Airflow < 3.2: the hooks are the core ProvidersManager's
     hook = pm.hooks.get("imagegen")
 provider = pm.providers.get("airflow-provider-imagegen")
-try:
-    from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
-    [form] = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "imagegen"]
-    form = {"extra_fields": form.extra_fields, "standard_fields": form.standard_fields.model_dump()}
-except ImportError:
-    form = None
 print(json.dumps({
     "form": form,
     "provider_version": provider.version if provider else None,

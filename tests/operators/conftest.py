@@ -91,10 +91,15 @@ def run_dag_file(source: str, dag_id: str, folder: Path, monkeypatch) -> Any:
     bag = dagbag_class()(dag_folder=str(folder))
     assert not bag.import_errors, bag.import_errors
     if bag.__module__ == "airflow.models.dagbag":
-        # Airflow 3.0's dag.test() does not register the DAG's Assets, and refuses to run a task whose outlet
+        # Airflow 3.0/3.1's dag.test() does not register the DAG's Assets, and refuses to run a task whose outlet
         # Asset is not active: write the parse result as the DAG processor would.
         from airflow.dag_processing.bundles.manager import DagBundlesManager
 
         DagBundlesManager().sync_bundles_to_db()
-        bag.sync_to_db("imagegen-operator-tests", None)
+        if hasattr(bag, "sync_to_db"):  # Airflow 3.0
+            bag.sync_to_db("imagegen-operator-tests", None)
+        else:  # Airflow 3.1
+            from airflow.models.dagbag import sync_bag_to_db
+
+            sync_bag_to_db(bag, "imagegen-operator-tests", None)
     return bag.dags[dag_id].test()

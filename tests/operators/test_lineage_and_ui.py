@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 
 from imagegen_provider.operators.image_generation import ImageDatasetFinalizeOperator, ImageGenerationOperator
 
-from .conftest import FAST_REQUEST, make_context, run_dag_file
+from .conftest import FAST_REQUEST, make_context
 
 pytest.importorskip("airflow.providers.openlineage", reason="apache-airflow-providers-openlineage not installed")
 
@@ -97,20 +101,40 @@ with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 1,
 '''
 
 
-def test_events_through_the_openlineage_listener(airflow_db, prompts_file, tmp_path, monkeypatch, make_conn):
+def test_events_through_the_openlineage_listener(airflow_db, prompts_file, tmp_path, make_conn):
     """The real listener (the provider's plugin) with OpenLineage's file transport: the START and COMPLETE
-    events of the task list the prompt table as input and the dataset as outputs."""
+    events of the task list the prompt table as input and the dataset as outputs.
+
+    In a process of its own (``airflow dags test``): the plugin decides at import whether OpenLineage is
+    enabled, so a test process that loaded it earlier without a transport would emit nothing."""
     events_file = tmp_path / "openlineage.jsonl"
-    transport = {"type": "file", "log_file_path": str(events_file), "append": True}
-    monkeypatch.setenv("AIRFLOW__OPENLINEAGE__TRANSPORT", json.dumps(transport))
-    monkeypatch.setenv("AIRFLOW__OPENLINEAGE__NAMESPACE", "imagegen-tests")
     dag_id = "imagegen_test_openlineage"
     output = tmp_path / "out"
-    source = textwrap.dedent(LINEAGE_DAG).format(
-        dag_id=dag_id, prompts=str(prompts_file), output=str(output), conn_id=make_conn()
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    conn_id = make_conn()
+    (dags / f"{dag_id}.py").write_text(
+        textwrap.dedent(LINEAGE_DAG).format(dag_id=dag_id, prompts=str(prompts_file), output=str(output),
+                                            conn_id=conn_id)
     )
-    run = run_dag_file(source, dag_id, tmp_path / "dags", monkeypatch)
-    assert run.state == "success"
+    env = {
+        **os.environ,
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps([
+            {"name": "imagegen-openlineage-test", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+             "kwargs": {"path": str(dags)}},
+            {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+             "kwargs": {}},
+        ]),
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+            {"type": "file", "log_file_path": str(events_file), "append": True}
+        ),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "imagegen-tests",
+        "PYTHONWARNINGS": "ignore",
+    }
+    airflow = shutil.which("airflow", path=os.path.dirname(sys.executable)) or "airflow"
+    for command in (["dags", "reserialize"], ["dags", "test", dag_id]):
+        done = subprocess.run([airflow, *command], env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
     events = [json.loads(line) for line in events_file.read_text().splitlines() if line.strip()]
     ours = [e for e in events if e["job"]["name"] == f"{dag_id}.generate"]
