@@ -29,6 +29,7 @@ from imagegen_provider.engine.metadata import (
     JOURNAL_DIR,
     METADATA_DIR,
     current_rows,
+    distinct_attempts,
     journal_writers,
     read_metadata,
     recover_journal,
@@ -351,8 +352,9 @@ def finalize_output(
     location = StorageLocation.from_url(output, output_storage_options)
     _fold_journals(location, refuse_live=not ranged)
     history = read_metadata(location).to_pandas()
-    # A journal entry recovered twice by older versions is the same attempt twice: count it once.
-    history = history.drop_duplicates(["run_id", "prompt_id", "image_index", "finished_at"])
+    # A journal entry recovered twice by older versions, or a rescued image stored by a rerun, is the same
+    # attempt twice: count it once, keeping the success.
+    history = distinct_attempts(history)
     whole = wanted = None
     if prompts is not None:
         whole, wanted = _expected_keys(
