@@ -23,7 +23,8 @@ from imagegen_provider.operators.image_generation import metadata_asset_for
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = os.environ.get("IMAGEGEN_OUTPUT_ROOT", str(REPO / "output"))
-OUTPUTS = [os.path.join(ROOT, "synthetic_dataset"), os.path.join(ROOT, "synthetic_dataset_sharded")]
+OUTPUTS = [os.path.join(ROOT, name) for name in ("synthetic_dataset", "synthetic_dataset_sharded",
+                                                  "synthetic_dataset_batch")]
 ASSETS = [metadata_asset_for(path) for path in OUTPUTS]
 SIMULATED = "simulated"
 
@@ -80,7 +81,7 @@ def summarize(rows: Any) -> Any:
 
 with DAG(
     dag_id="cost_report",
-    schedule=ASSETS[0] | ASSETS[1],
+    schedule=ASSETS[0] | ASSETS[1] | ASSETS[2],
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -12,11 +12,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from airflow.sdk import Asset, BaseOperator
 
+from imagegen_provider.engine.batch import DEFAULT_BATCH_TIMEOUT, BatchOptions, make_runner
+from imagegen_provider.engine.batch_plan import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
 from imagegen_provider.engine.finalize import DATASET_TABLE, FinalizeReport, finalize_output
 from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
 from imagegen_provider.hooks._airflow import AirflowException, AirflowFailException
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
+from imagegen_provider.operators._batch import MAX_DEFERRALS, BatchSettings, check_event
 from imagegen_provider.operators.links import ImageOutputLink, RunSummaryLink
 from imagegen_provider.transport.client import quiet_request_logs
 from imagegen_provider.wire.errors import BadRequestError, ImageGenError, RequestValidationError
@@ -220,6 +223,16 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
     :param metadata_asset: the Asset emitted on success; default: derived from a non-templated
         ``output_path`` when this task finalizes (none for a shard). Pass ``False`` for none.
     :param progress_interval: seconds between progress lines.
+    :param api: ``sync`` (default: one request per image) or ``batch``: the gateway's Batch API at the batch
+        price (OpenAI: half), same output and metadata (plus ``api`` and ``batch_id``); see docs/batch.md.
+    :param deferrable: batch only: release the worker while the gateway works (default ``True``; the task
+        waits on its worker when the connection is the in-process bundled gateway, host ``local``).
+    :param batch_poll_interval: seconds between two looks at the batches (triggerer or worker).
+    :param batch_timeout: most seconds to wait for the batches; the task then fails and its retry collects.
+    :param cancel_batches_on_kill: killing the task (on a worker, or deferred on Airflow 3.3+) cancels its
+        batches; what they finished is collected by the next run.
+    :param batch_max_requests: most requests per batch input file (OpenAI: 50,000).
+    :param batch_max_bytes: largest batch input file (OpenAI: 200 MB).
     """
 
     template_fields: Sequence[str] = (
@@ -265,8 +278,19 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         prices: Mapping[str, Any] | None = None,
         metadata_asset: Asset | bool | None = None,
         progress_interval: float = 30.0,
+        api: str = "sync",
+        deferrable: bool | None = None,
+        batch_poll_interval: float = 60.0,
+        batch_timeout: float = DEFAULT_BATCH_TIMEOUT,
+        cancel_batches_on_kill: bool = True,
+        batch_max_requests: int = DEFAULT_MAX_REQUESTS,
+        batch_max_bytes: int = DEFAULT_MAX_BYTES,
         **kwargs: Any,
     ) -> None:
+        self.batch_settings = BatchSettings(
+            api=api, deferrable=deferrable, poll_interval=batch_poll_interval, timeout=batch_timeout,
+            cancel_on_kill=cancel_batches_on_kill, max_requests=batch_max_requests, max_bytes=batch_max_bytes,
+        )
         if metadata_asset is None:
             # Only a task that writes metadata.parquet announces it: a shard (which does not finalize) would
             # otherwise emit the dataset's Asset event once per mapped instance, before the dataset exists.
@@ -347,12 +371,21 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             **extra,
         )
 
+    def _batch_options(self) -> BatchOptions | None:
+        """``None`` for sync; for batch, the worker waits only when the task does not defer."""
+        if not self.batch_settings.batch:
+            return None
+        return self.batch_settings.options(wait=not self._defers())
+
+    def _defers(self) -> bool:
+        return self.batch_settings.defers(local_gateway=self.hook.settings.is_local)
+
     async def _run(self, config: RunConfig) -> RunSummary:
         self._loop = asyncio.get_running_loop()
         if config.dry_run:
-            return await BatchRunner(config, client=None).run()
+            return await make_runner(config, client=None, batch=self._batch_options()).run()
         async with self.hook.get_client(**self.rate_limits) as client:
-            self._runner = BatchRunner(config, client=client)
+            self._runner = make_runner(config, client=client, batch=self._batch_options())
             if self._killed:  # killed while the client was opening: send nothing
                 raise asyncio.CancelledError
             return await self._runner.run()
@@ -390,7 +423,21 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         self._name_shard(context)
-        summary = self._generate(context)
+        return self._complete(context, self._generate(context), deferrals=0)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None, deferrals: int = 0) -> Any:
+        """Batch mode, back from the trigger: collect on this worker what the batches produced (and submit what
+        expired or failed, deferring again), then finish as ``execute`` does."""
+        check_event(event, self.output_path)
+        self._name_shard(context)
+        return self._complete(context, self._generate(context), deferrals=deferrals + 1)
+
+    def _complete(self, context: Context, summary: RunSummary, *, deferrals: int) -> dict[str, Any]:
+        if summary.pending_batches and self._defers() and not self._killed and deferrals < MAX_DEFERRALS:
+            self.log.info("Deferring while %d batch(es) run: %s", len(summary.pending_batches),
+                          ", ".join(summary.pending_batches))
+            self.defer(trigger=self.batch_settings.trigger(self.imagegen_conn_id, summary.pending_batches),
+                       method_name="execute_complete", kwargs={"deferrals": deferrals})
         self._summary = summary
         if self._killed:
             # No dataset table and no Asset event for a batch cut short: the rerun finishes and announces it.

@@ -14,7 +14,7 @@ from imagegen_provider.operators.image_generation import (
 )
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
-DAG_IDS = {"synthetic_dataset", "synthetic_dataset_sharded", "cost_report"}
+DAG_IDS = {"synthetic_dataset", "synthetic_dataset_sharded", "synthetic_dataset_batch", "cost_report"}
 
 
 @pytest.fixture
@@ -40,10 +40,12 @@ def test_cost_report_is_scheduled_on_both_metadata_assets(dagbag, tmp_path):
     expected = [  # a list: Airflow 3.0's Asset is not hashable
         metadata_asset_for(str(root / "synthetic_dataset")),
         metadata_asset_for(str(root / "synthetic_dataset_sharded")),
+        metadata_asset_for(str(root / "synthetic_dataset_batch")),
     ]
     assert {a.uri for a in expected} == {
         f"file://{root}/synthetic_dataset/metadata.parquet",
         f"file://{root}/synthetic_dataset_sharded/metadata.parquet",
+        f"file://{root}/synthetic_dataset_batch/metadata.parquet",
     }
     dag = dagbag.dags["cost_report"]
     condition = dag.timetable.asset_condition
