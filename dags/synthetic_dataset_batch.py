@@ -46,7 +46,7 @@ with DAG(
         quality="low",
         seed=2026,
         api="batch",
-        batch_poll_interval=10.0,
+        batch_poll_interval=float(os.environ.get("IMAGEGEN_BATCH_POLL_INTERVAL", "10")),
         batch_timeout=25 * 3600.0,
         max_cost_usd=2.5,
         metadata_asset=metadata_asset_for(OUTPUT),
