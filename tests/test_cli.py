@@ -272,3 +272,28 @@ def test_second_run_on_a_live_output_fails_fast(tmp_path, capsys):
     assert code == 2 and not out
     assert err.startswith("error: output file://") and "is being written by run run-holder" in err
     holder.release()
+
+
+def test_api_batch_no_wait_submits_and_exits_then_the_same_command_collects(tmp_path, capsys, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(batch_delay=1.0))
+    prompts = _prompts(tmp_path, ["a lake", "a hill"])
+    argv = ["run", prompts, str(tmp_path / "out"), "--base-url", f"{gateway.base_url}/v1", "--api-key", "sk-cli",
+            *SMALL_ARGS, "--api", "batch", "--poll-interval", "0.1"]
+    assert main([*argv, "--no-wait"]) == 0
+    printed = capsys.readouterr().out
+    assert "batches still processing: batch_" in printed and "rerun the same command" in printed
+    assert gateway.stats()["batches_created"] == 1 and gateway.stats()["images_generated"] == 0
+    assert main([*argv, "--json"]) == 0  # waits, collects
+    run = json.loads(capsys.readouterr().out)["run"]
+    assert (run["succeeded"], run["pending_batches"], run["submitted_images"]) == (2, [], 0)
+    assert gateway.stats()["batches_created"] == 1
+    table = pd.read_parquet(tmp_path / "out" / "metadata.parquet")
+    assert set(table["api"]) == {"batch"} and set(table["cost_source"]) == {"estimated_batch"}
+
+
+def test_api_batch_is_refused_for_a_dialect_without_it_before_anything_is_sent(tmp_path, capsys, gateway):
+    prompts = _prompts(tmp_path, ["a lake"])
+    code = main(["run", prompts, str(tmp_path / "out"), "--base-url", f"{gateway.base_url}/api/v1",
+                 "--dialect", "indoxhub", "--api-key", "sk-cli", "--model", "openai/dall-e-3", "--api", "batch"])
+    assert code == 2 and "indoxhub dialect has no batch API" in capsys.readouterr().err
+    assert gateway.stats()["total_requests"] == 0
