@@ -172,6 +172,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", f"Peak RSS ratio (large ÷ small): **{case['rss_ratio']}**."]
             if case.get("note"):
                 lines += ["", f"Note: {case['note']}."]
+        elif name == "batch":
+            rows = [[key, str(r["succeeded"]), _mb(r["peak_rss_mb"]), f"${r['cost_per_image']}", _s(r["wall_s"]),
+                     _s(r["cpu_s"]), str(r.get("batch_lines_charged_twice"))] for key, r in case["clients"].items()]
+            lines += _table(["run", "images", "peak RSS MB", "cost / image", "wall s", "CPU s", "charged twice"], rows)
+            lines += ["", f"Peak RSS ratio (large ÷ small batch): **{case['rss_ratio']}** "
+                          f"{_t(case, 'batch_memory_ratio')}; cost per image batch ÷ sync: **{case['cost_ratio']}** "
+                          f"{_t(case, 'batch_cost_ratio')}."]
         loads = [r.get("machine_load", {}).get("other_processes_cores") for r in case.get("clients", {}).values()]
         loads = [x for x in loads if x is not None]
         if loads:
