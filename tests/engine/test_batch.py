@@ -220,3 +220,31 @@ def test_killed_cli_rerun_collects_without_paying_twice(tmp_path, gateway_factor
     stats = gateway.stats()
     assert (stats["batches_created"], stats["batch_lines"], stats["batch_lines_resubmitted"]) == (1, 6, 0)
     assert len(image_files(output)) == 6
+
+
+async def test_input_files_are_cut_under_max_requests_and_max_bytes(tmp_path, gateway):
+    prompts, output = _table(tmp_path, 4), tmp_path / "out"
+    summary = await _run(gateway, api="batch", prompts=prompts, output=str(output), request_defaults=GPT,
+                         options=BatchOptions(poll_interval=0.05, max_requests=3))
+    assert summary.succeeded == 8 and sorted(len(m.images) for m in _manifests(output)) == [2, 3, 3]
+    by_bytes = tmp_path / "by-bytes"
+    summary = await _run(gateway, api="batch", prompts=prompts, output=str(by_bytes), request_defaults=GPT,
+                         options=BatchOptions(poll_interval=0.05, max_bytes=1024))
+    assert summary.succeeded == 8
+    uploads = gateway.app.state.gateway.uploads
+    sizes = [uploads.get(m.input_file_id).size for m in _manifests(by_bytes)]
+    assert len(sizes) > 1 and max(sizes) <= 1024 and sum(len(m.images) for m in _manifests(by_bytes)) == 8
+
+
+async def test_shards_of_one_output_keep_their_own_batches(tmp_path, gateway):
+    prompts, output = _table(tmp_path, 4), tmp_path / "out"
+    first = await _run(gateway, api="batch", prompts=prompts, output=str(output), request_defaults=GPT,
+                       row_start=0, row_stop=2)
+    second = await _run(gateway, api="batch", prompts=prompts, output=str(output), request_defaults=GPT,
+                        row_start=2, row_stop=4)
+    assert (first.succeeded, second.succeeded, second.skipped_existing) == (4, 4, 0)
+    assert {m.shard for m in _manifests(output)} == {first.shard, second.shard}
+    again = await _run(gateway, api="batch", prompts=prompts, output=str(output), request_defaults=GPT,
+                       row_start=0, row_stop=2)
+    assert (again.succeeded, again.skipped_existing) == (0, 4)
+    assert gateway.stats()["batch_lines"] == 8
