@@ -22,7 +22,7 @@ from imagegen_provider.hooks.image_generation import ImageGenerationHook
 from imagegen_provider.operators._batch import MAX_DEFERRALS, BatchSettings, check_event
 from imagegen_provider.operators.links import ImageOutputLink, RunSummaryLink
 from imagegen_provider.transport.client import quiet_request_logs
-from imagegen_provider.wire.errors import BadRequestError, ImageGenError, RequestValidationError
+from imagegen_provider.wire.errors import ImageGenError
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -51,22 +51,18 @@ def _error_classes() -> dict[str, type[ImageGenError]]:
 
 
 def is_permanent_failure(kind: str) -> bool:
-    """Whether a failure kind is the row's own fault (a task retry would fail it again).
-
-    Reads the error class's ``permanent`` flag; errors.py without the flag: bad requests and validation.
-    """
+    """Whether a failure kind is the row's own fault (a task retry would fail it again): the error class's
+    ``permanent`` flag, or an invalid row of the prompt table."""
     if kind == INVALID_ROW:
         return True
     cls = _error_classes().get(kind)
-    if cls is None:
-        return False
-    return bool(getattr(cls, "permanent", issubclass(cls, (BadRequestError, RequestValidationError))))
+    return cls is not None and cls.permanent
 
 
 def is_fatal_failure(kind: str) -> bool:
     """Whether a failure kind stops the whole run (bad key, no balance, open circuit, storage)."""
     cls = _error_classes().get(kind)
-    return cls is not None and bool(getattr(cls, "fatal", False))
+    return cls is not None and cls.fatal
 
 
 def metadata_asset_for(output_path: Any) -> Asset | None:
@@ -112,11 +108,6 @@ class _ConfigurationWarningsOncePerRun(logging.Filter):
         return True
 
 
-def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
-    for task in asyncio.all_tasks(loop):
-        task.cancel()
-
-
 class _WritesDataset:
     """What both operators share: finalize the output, announce the dataset Asset, describe their lineage and
     stop cleanly when Airflow kills the task."""
@@ -129,7 +120,6 @@ class _WritesDataset:
     metadata_asset: Asset | None
     #: The running batch and its event loop, for ``on_kill`` (set while ``execute`` runs a batch).
     _runner: BatchRunner | None = None
-    _loop: asyncio.AbstractEventLoop | None = None
     _killed: str | None = None
 
     @property
@@ -144,16 +134,11 @@ class _WritesDataset:
         Runs in a signal handler on the thread of the event loop: it only schedules the stop.
         """
         self._killed = "task killed by Airflow (on_kill)"
-        runner, loop = self._runner, self._loop
-        if runner is None or loop is None:
+        runner = self._runner
+        if runner is None:
             log.info("on_kill: no batch running")
             return
-        if hasattr(runner, "request_stop"):
-            runner.request_stop(self._killed)
-        else:
-            # Engines without request_stop: cancel every task of the run (the queued ones too, or they would
-            # send as slots free up); the run's ``finally`` still flushes what was recorded.
-            loop.call_soon_threadsafe(_cancel_all, loop)
+        runner.request_stop(self._killed)
         log.warning("on_kill: stopping the batch; nothing more is sent, a rerun resumes from %s", self.output_path)
 
     def _lineage(
@@ -346,10 +331,6 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         shard = dict(self.shard or {})
         settings = self.hook.settings
         prices = {**(settings.prices or {}), **(self.prices or {})} or None
-        extra: dict[str, Any] = {}
-        if "simulated" in RunConfig.__dataclass_fields__:
-            # The bundled gateway's images are placeholders and its charges simulated: label the rows so.
-            extra["simulated"] = settings.is_local
         return RunConfig(
             prompts=self.prompts_path,
             output=self.output_path,
@@ -368,7 +349,9 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             labels={"dag_id": context["dag"].dag_id, "task_id": self.task_id},
             provider=settings.provider,
             progress_interval=self.progress_interval,
-            **extra,
+            price_as=dict(settings.price_as or {}),
+            # The bundled gateway's images are placeholders and its charges simulated: label the rows so.
+            simulated=settings.is_local,
         )
 
     def _batch_options(self) -> BatchOptions | None:
@@ -381,7 +364,6 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         return self.batch_settings.defers(local_gateway=self.hook.settings.is_local)
 
     async def _run(self, config: RunConfig) -> RunSummary:
-        self._loop = asyncio.get_running_loop()
         if config.dry_run:
             return await make_runner(config, client=None, batch=self._batch_options()).run()
         async with self.hook.get_client(**self.rate_limits) as client:
@@ -409,7 +391,7 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
                 f"Image generation stopped: {self._killed or 'cancelled'}; a rerun resumes from {self.output_path}"
             ) from None
         finally:
-            self._runner = self._loop = None
+            self._runner = None
             runner_log.removeFilter(repeat_filter)
 
     def _name_shard(self, context: Context) -> None:
