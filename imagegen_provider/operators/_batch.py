@@ -12,6 +12,16 @@ from imagegen_provider.hooks._airflow import AirflowException, AirflowFailExcept
 from imagegen_provider.triggers.batch import BatchCompletionTrigger
 
 API_CHOICES = ("sync", "batch")
+#: Operator argument → :class:`BatchSettings` field.
+OPERATOR_ARGUMENTS = {
+    "api": "api",
+    "deferrable": "deferrable",
+    "batch_poll_interval": "poll_interval",
+    "batch_timeout": "timeout",
+    "cancel_batches_on_kill": "cancel_on_kill",
+    "batch_max_requests": "max_requests",
+    "batch_max_bytes": "max_bytes",
+}
 #: A task collects, resubmits what expired and defers again at most this many times.
 MAX_DEFERRALS = 5
 
@@ -42,6 +52,12 @@ class BatchSettings:
         if self.api not in API_CHOICES:
             raise ValueError(f"api must be one of {', '.join(API_CHOICES)}, not {self.api!r}")
         self.options(wait=True)  # the numbers are checked when the DAG is parsed, not when the task runs
+
+    @classmethod
+    def pop_from(cls, kwargs: dict[str, Any]) -> BatchSettings:
+        """The settings named by the operator's batch arguments (:data:`OPERATOR_ARGUMENTS`), removed from
+        ``kwargs`` so that the rest goes to ``BaseOperator``."""
+        return cls(**{field: kwargs.pop(name) for name, field in OPERATOR_ARGUMENTS.items() if name in kwargs})
 
     @property
     def batch(self) -> bool:

@@ -12,8 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from airflow.sdk import Asset, BaseOperator
 
-from imagegen_provider.engine.batch import DEFAULT_BATCH_TIMEOUT, BatchOptions, make_runner
-from imagegen_provider.engine.batch_plan import DEFAULT_MAX_BYTES, DEFAULT_MAX_REQUESTS
+from imagegen_provider.engine.batch import BatchOptions, make_runner
 from imagegen_provider.engine.finalize import DATASET_TABLE, FinalizeReport, finalize_output
 from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
@@ -263,19 +262,9 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         prices: Mapping[str, Any] | None = None,
         metadata_asset: Asset | bool | None = None,
         progress_interval: float = 30.0,
-        api: str = "sync",
-        deferrable: bool | None = None,
-        batch_poll_interval: float = 60.0,
-        batch_timeout: float = DEFAULT_BATCH_TIMEOUT,
-        cancel_batches_on_kill: bool = True,
-        batch_max_requests: int = DEFAULT_MAX_REQUESTS,
-        batch_max_bytes: int = DEFAULT_MAX_BYTES,
         **kwargs: Any,
     ) -> None:
-        self.batch_settings = BatchSettings(
-            api=api, deferrable=deferrable, poll_interval=batch_poll_interval, timeout=batch_timeout,
-            cancel_on_kill=cancel_batches_on_kill, max_requests=batch_max_requests, max_bytes=batch_max_bytes,
-        )
+        self.batch_settings = BatchSettings.pop_from(kwargs)  # api=, deferrable=, batch_*= (see the docstring)
         if metadata_asset is None:
             # Only a task that writes metadata.parquet announces it: a shard (which does not finalize) would
             # otherwise emit the dataset's Asset event once per mapped instance, before the dataset exists.

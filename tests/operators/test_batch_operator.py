@@ -110,3 +110,16 @@ def test_on_kill_cancels_the_batches(prompts_file, tmp_path, gateway_factory, lo
     batches = gateway.app.state.batches.batches
     assert [b.status.value for b in batches.values()] in (["cancelling"], ["cancelled"])
     assert gateway.stats()["charged_images"] == 0
+
+
+def test_batch_arguments_are_checked_when_the_dag_is_parsed(prompts_file, tmp_path):
+    with pytest.raises(ValueError, match="api must be one of sync, batch"):
+        ImageGenerationOperator(task_id="t", prompts_path=str(prompts_file), output_path=str(tmp_path), api="bulk")
+    with pytest.raises(ValueError, match="poll_interval and timeout must be positive"):
+        ImageGenerationOperator(task_id="t", prompts_path=str(prompts_file), output_path=str(tmp_path), api="batch",
+                                batch_poll_interval=0)
+    op = ImageGenerationOperator(task_id="t", prompts_path=str(prompts_file), output_path=str(tmp_path), api="batch",
+                                 deferrable=False, batch_max_requests=10, cancel_batches_on_kill=False)
+    settings = op.batch_settings
+    assert (settings.batch, settings.deferrable, settings.max_requests, settings.cancel_on_kill) == (True, False, 10,
+                                                                                                      False)
