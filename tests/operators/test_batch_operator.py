@@ -89,7 +89,8 @@ def test_a_timed_out_trigger_fails_the_task_and_the_retry_collects(prompts_file,
 
 def test_on_kill_cancels_the_batches(prompts_file, tmp_path, gateway_factory, loopback_conn):
     gateway = gateway_factory(GatewayConfig(batch_delay=60))
-    op = _operator(loopback_conn(gateway, accepts_seed=True), prompts_file, tmp_path / "out", deferrable=False)
+    conn_id = loopback_conn(gateway, accepts_seed=True)
+    op = _operator(conn_id, prompts_file, tmp_path / "out", deferrable=False)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -110,6 +111,12 @@ def test_on_kill_cancels_the_batches(prompts_file, tmp_path, gateway_factory, lo
     batches = gateway.app.state.batches.batches
     assert [b.status.value for b in batches.values()] in (["cancelling"], ["cancelled"])
     assert gateway.stats()["charged_images"] == 0
+    # The task retry: the cancelled batch's images are submitted again, once, and all collected.
+    gateway.app.state.gateway.config = GatewayConfig()
+    retry = _operator(conn_id, prompts_file, tmp_path / "out", deferrable=False)
+    assert retry.execute(make_context())["run"]["succeeded"] == 12
+    stats = gateway.stats()
+    assert (stats["batches_created"], stats["charged_images"], stats["batch_lines_charged_twice"]) == (2, 12, 0)
 
 
 def test_batch_arguments_are_checked_when_the_dag_is_parsed(prompts_file, tmp_path):
