@@ -327,7 +327,9 @@ class BatchApiRunner(BatchRunner):
         try:
             result = normalize_response(line.body, secrets=secrets)
         except ImageGenError as exc:
-            return ClientOutcome(None, (), 1, exc)
+            # A 200 line was charged even when its body is unusable: on record as paid (priced from the list).
+            paid = GenerationResult(images=[], request_id=line.request_id)
+            return ClientOutcome(None, (paid,), 1, exc)
         try:
             images = [await self._verify(image, result, request) for image in result.images]
         except ImageGenError as exc:

@@ -248,3 +248,40 @@ async def test_shards_of_one_output_keep_their_own_batches(tmp_path, gateway):
                        row_start=0, row_stop=2)
     assert (again.succeeded, again.skipped_existing) == (0, 4)
     assert gateway.stats()["batch_lines"] == 8
+
+
+def _damage_first_line(gateway: Any, output_file_id: str) -> str:
+    """Replace the first image of a batch's output file by a truncated PNG (valid base64, broken image)."""
+    stored = gateway.app.state.gateway.uploads.get(output_file_id)
+    lines = stored.path.read_bytes().splitlines()
+    first = json.loads(lines[0])
+    item = first["response"]["body"]["data"][0]
+    item["b64_json"] = item["b64_json"][:200]
+    lines[0] = json.dumps(first).encode()
+    stored.path.write_bytes(b"\n".join(lines) + b"\n")
+    stored.size = stored.path.stat().st_size
+    return str(first["custom_id"])
+
+
+async def test_a_broken_image_in_the_output_is_a_paid_failure_and_never_stored(tmp_path, gateway):
+    prompts, output = _table(tmp_path, 2), tmp_path / "out"
+    small = {"model": "dall-e-2", "size": "256x256", "response_format": "b64_json"}
+    config = {"prompts": prompts, "output": str(output), "request_defaults": small}
+    await _run(gateway, api="batch", options=BatchOptions(wait=False), **config)
+    [batch] = gateway.app.state.batches.batches.values()
+    async with asyncio.timeout(30):
+        while True:
+            if batch.status.value == "completed":
+                break
+            await asyncio.sleep(0.05)
+    broken = _damage_first_line(gateway, batch.output_file_id)
+    summary = await _run(gateway, api="batch", options=BatchOptions(wait=False), **config)
+    assert (summary.succeeded, summary.failed) == (3, 1)
+    rows = current(output)
+    failed = rows[rows["status"] == "failed"].iloc[0]
+    prompt_id = broken.split(":", 2)[2]
+    assert (failed["prompt_id"], failed["error_type"]) == (prompt_id, "MalformedResponseError")
+    assert failed["cost_usd"] == pytest.approx(0.016 * 0.5)  # charged by the gateway, so on record
+    assert not any(name.startswith(f"images/{prompt_id}/{failed['image_index']}-") for name in image_files(output))
+    again = await _run(gateway, api="batch", **config)  # the next run asks for that one image again
+    assert again.succeeded == 1 and gateway.stats()["batch_lines"] == 5
