@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -285,3 +286,17 @@ async def test_a_broken_image_in_the_output_is_a_paid_failure_and_never_stored(t
     assert not any(name.startswith(f"images/{prompt_id}/{failed['image_index']}-") for name in image_files(output))
     again = await _run(gateway, api="batch", **config)  # the next run asks for that one image again
     assert again.succeeded == 1 and gateway.stats()["batch_lines"] == 5
+
+
+async def test_the_key_is_in_no_manifest_row_or_log(tmp_path, gateway_factory, caplog):
+    key = "sk-batch-SECRET-4f1e9a0b7c"
+    gateway = gateway_factory(GatewayConfig(batch_line_failure_rate=0.5, fault_seed=1))
+    prompts, output = _table(tmp_path, 3), tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        async with make_client(gateway, api_key=key, accepts_seed=True) as client:
+            config = RunConfig(prompts=prompts, output=str(output), request_defaults=GPT, images_per_prompt=2)
+            summary = await BatchApiRunner(config, client=client, batch=BatchOptions(poll_interval=0.05)).run()
+    assert summary.failed > 0  # error lines were recorded too
+    written = b"".join(p.read_bytes() for p in output.rglob("*") if p.is_file())
+    assert key.encode() not in written and key not in caplog.text
+    assert key not in json.dumps(summary.to_dict())
