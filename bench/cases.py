@@ -38,9 +38,12 @@ class Params:
     #: Run the clients of a case side by side (each with its own gateway), to fit --quick in its budget.
     parallel: bool = False
     fault_seed: int = 2026
+    #: Batch case: images in the small and the large batch.
+    batch_sizes: tuple[int, int] = (100, 2_000)
 
 
-QUICK = Params(quick=True, rpm=1200, n=300, faults_n=300, overhead_n=300, memory_sizes=(1_000, 10_000), parallel=True)
+QUICK = Params(quick=True, rpm=1200, n=300, faults_n=300, overhead_n=300, memory_sizes=(1_000, 10_000), parallel=True,
+               batch_sizes=(50, 500))
 FULL = Params(quick=False, rpm=1200, n=2000, faults_n=2000, overhead_n=2000, memory_sizes=(1_000, 100_000))
 
 TARGETS = {
@@ -618,7 +621,7 @@ def case_batch(ctx: Ctx) -> dict[str, Any]:
     """Peak RSS of ``imagegen run --api batch`` collecting a small and a large batch, and cost per image vs sync."""
     p = ctx.params
     folder = ctx.case_dir("batch")
-    small, large = (50, 500) if p.quick else (100, 2_000)
+    small, large = p.batch_sizes
     records: dict[str, dict[str, Any]] = {}
     for key, size, api in (("batch_small", small, "batch"), ("batch_large", large, "batch"),
                            ("sync_small", small, "sync")):
