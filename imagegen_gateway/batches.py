@@ -3,7 +3,7 @@
 A batch is worked on by a background task of the server's event loop, in named stages: validate the input
 file (JSONL, unique ``custom_id``, ``POST`` to the batch's endpoint, at most ``batch_max_requests`` lines),
 wait ``batch_delay``, then serve each line exactly as the synchronous route would (same parsing, rules, seed
-and render, so the same request and seed give byte-identical images), charged ``batch_discount`` of the sync
+and render, so the same request and seed give byte-identical images), charged the price table's batch fraction (or ``batch_discount``) of the sync
 price, and write the answer to the output file (200) or the error file (anything else). Configurable faults:
 ``batch_line_failure_rate`` (500 lines), ``batch_expire_after_lines`` (the batch expires part-way, the rest of
 its lines are written to the error file with code ``batch_expired``), and cancellation (``cancelling`` until the
@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from imagegen_gateway.charges import billed_usage
+from imagegen_gateway.charges import batch_fraction, billed_usage
 from imagegen_gateway.files import PURPOSES, FileTooLarge, StoredUpload, UploadStore
 from imagegen_gateway.parsing import GenParams, parse_request
 from imagegen_gateway.responses import ImageOut, error_response, openai_body
@@ -213,7 +213,8 @@ class BatchService:
         if refusal is not None:
             return refusal
         usage = billed_usage(params.bare_model, params.prompt, params.width, params.height, params.quality, params.n)
-        cost = round(usage.cost_usd * config.batch_discount, 9)
+        fraction = config.batch_discount if config.batch_discount is not None else batch_fraction(params.model)
+        cost = round(usage.cost_usd * fraction, 9)
         if not self.gateway.can_afford(cost):
             return 402, _error_body("Insufficient balance", type_="insufficient_quota", code="insufficient_quota")
         self.gateway.charge(cost, params.n)

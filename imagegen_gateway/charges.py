@@ -123,6 +123,14 @@ def per_image_usd(model: str, width: int, height: int, quality: str | None) -> f
     return float(price) if price is not None else max(by_quality.values())
 
 
+def batch_fraction(model: str) -> float:
+    """The batch price of ``model`` as a fraction of its sync price: the price file's ``batch`` entry for it,
+    else its ``"*"``, else 0.5."""
+    table: dict[str, Any] = price_table().get("batch", {})
+    value = table.get(model, table.get(bare_model(model), table.get("*", 0.5)))
+    return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else 0.5
+
+
 def billed_usage(model: str, prompt: str, width: int, height: int, quality: str | None, n: int) -> BilledUsage:
     """Usage of ``n`` images. For GPT image models the prompt is paid once per request."""
     if is_gpt_image(model):

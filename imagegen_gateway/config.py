@@ -240,9 +240,10 @@ class GatewayConfig:
         "Default: batches never expire.", "batch", parse=int, metavar="N",
         check=lambda v: None if v is None or v >= 0 else "must be >= 0",
     )
-    batch_discount: float = option(
-        0.5, "Batch lines are charged this fraction of the synchronous price (default 0.5, OpenAI's batch "
-        "discount).", "batch", parse=_rate, metavar="FRACTION", check=_probability,
+    batch_discount: float | None = option(
+        None, "Batch lines are charged this fraction of the synchronous price. Default: the fraction the price "
+        "table (prices.json 'batch') gives the model, 0.5 (OpenAI's batch discount) unless it says otherwise.",
+        "batch", parse=_rate, metavar="FRACTION", check=lambda v: None if v is None else _probability(v),
     )
     batch_max_requests: int = option(
         50_000, "Most lines one batch input file may hold (default 50000, OpenAI's limit); more fail the batch "
