@@ -3,8 +3,9 @@
 A batch is worked on by a background task of the server's event loop, in named stages: validate the input
 file (JSONL, unique ``custom_id``, ``POST`` to the batch's endpoint, at most ``batch_max_requests`` lines),
 wait ``batch_delay``, then serve each line exactly as the synchronous route would (same parsing, rules, seed
-and render, so the same request and seed give byte-identical images), charged the price table's batch fraction (or ``batch_discount``) of the sync
-price, and write the answer to the output file (200) or the error file (anything else). Configurable faults:
+and render, so the same request and seed give byte-identical images), charged the price table's batch
+fraction (or ``batch_discount``) of the sync price, and write the answer to the output file (200) or the
+error file (anything else). Configurable faults:
 ``batch_line_failure_rate`` (500 lines), ``batch_expire_after_lines`` (the batch expires part-way, the rest of
 its lines are written to the error file with code ``batch_expired``), and cancellation (``cancelling`` until the
 worker notices, then ``cancelled``; unfinished lines get ``batch_cancelled``).
