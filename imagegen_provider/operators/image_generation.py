@@ -410,6 +410,9 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             self.defer(trigger=self.batch_settings.trigger(self.imagegen_conn_id, summary.pending_batches),
                        method_name="execute_complete", kwargs={"deferrals": deferrals})
         self._summary = summary
+        if summary.pending_batches and not self._killed:
+            # Waited as long as allowed (or deferred too often): the batches go on; the retry collects them.
+            raise AirflowException(f"{summary.stopped_reason}; a task retry collects them into {summary.output_uri}")
         if self._killed:
             # No dataset table and no Asset event for a batch cut short: the rerun finishes and announces it.
             raise AirflowException(

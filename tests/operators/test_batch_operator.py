@@ -130,3 +130,17 @@ def test_batch_arguments_are_checked_when_the_dag_is_parsed(prompts_file, tmp_pa
     settings = op.batch_settings
     assert (settings.batch, settings.deferrable, settings.max_requests, settings.cancel_on_kill) == (True, False, 10,
                                                                                                       False)
+
+
+def test_waiting_past_batch_timeout_fails_the_task_and_its_retry_collects(prompts_file, tmp_path, gateway_factory,
+                                                                          loopback_conn):
+    gateway = gateway_factory(GatewayConfig(batch_delay=2.0))
+    conn_id = loopback_conn(gateway, accepts_seed=True)
+    op = _operator(conn_id, prompts_file, tmp_path / "out", deferrable=False, batch_timeout=0.3)
+    with pytest.raises(AirflowException, match="task retry collects them"):
+        op.execute(make_context())
+    assert not (tmp_path / "out" / "metadata.parquet").exists()  # no dataset table for an unfinished run
+    time.sleep(2.5)
+    retry = _operator(conn_id, prompts_file, tmp_path / "out", deferrable=False)
+    assert retry.execute(make_context())["run"]["succeeded"] == 12
+    assert gateway.stats()["batches_created"] == 1
