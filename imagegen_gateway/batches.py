@@ -20,6 +20,7 @@ code ``batch_unsupported``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import time
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import IO, Any
 
-import anyio
 import anyio.to_thread
 import orjson
 from starlette.datastructures import UploadFile
@@ -168,8 +168,9 @@ class BatchService:
 
     async def _delay(self, batch: Batch) -> None:
         """``batch_delay``, cut short by a cancellation."""
-        with anyio.move_on_after(self.gateway.config.batch_delay):
-            await batch.cancel_requested.wait()
+        # Plain asyncio: this task is the server loop's own, outside any request's (anyio) cancel scope.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(batch.cancel_requested.wait(), timeout=self.gateway.config.batch_delay)
 
     async def _lines(self, batch: Batch, stored: StoredUpload, outputs: _Outputs) -> None:
         expire_after = self.gateway.config.batch_expire_after_lines
