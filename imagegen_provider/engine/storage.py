@@ -41,6 +41,9 @@ class StorageLocation:
 
     fs: AbstractFileSystem
     root: str
+    #: The scheme the user wrote (``az`` rather than adlfs's first name ``abfs``): URIs we hand back keep it,
+    #: since users look their images up by the URL they gave. ``None``: the filesystem's own.
+    protocol: str | None = None
     #: Folders known to exist, most recent last; bounded, since every prompt id has its own folder.
     _made_dirs: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
 
@@ -51,22 +54,32 @@ class StorageLocation:
         if isinstance(url, StorageLocation):
             return url
         if not isinstance(url, str) and hasattr(url, "fs") and hasattr(url, "path"):
-            return cls(fs=url.fs, root=str(url.path).rstrip("/") or "/")
+            protocol = getattr(url, "protocol", None)
+            return cls(fs=url.fs, root=str(url.path).rstrip("/") or "/", protocol=protocol or None)
         fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
-        return cls(fs=fs, root=root.rstrip("/") or "/")
+        protocol, _ = fsspec.core.split_protocol(str(url))
+        return cls(fs=fs, root=root.rstrip("/") or "/", protocol=protocol)
+
+    def _as_written(self, path: str) -> str:
+        uri = str(self.fs.unstrip_protocol(path))
+        scheme, sep, rest = uri.partition("://")
+        names = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if sep and self.protocol and self.protocol != scheme and self.protocol in names:
+            return f"{self.protocol}://{rest}"
+        return uri
 
     @property
     def uri(self) -> str:
-        return self.fs.unstrip_protocol(self.root)
+        return self._as_written(self.root)
 
     def path(self, relative: str) -> str:
         return posixpath.join(self.root, relative)
 
     def uri_of(self, relative: str) -> str:
-        return self.fs.unstrip_protocol(self.path(relative))
+        return self._as_written(self.path(relative))
 
     def child(self, relative: str) -> StorageLocation:
-        return StorageLocation(fs=self.fs, root=self.path(relative))
+        return StorageLocation(fs=self.fs, root=self.path(relative), protocol=self.protocol)
 
     def _ensure_parent(self, path: str) -> None:
         # Object stores have no folders; only local filesystems need them made before writing.

@@ -62,3 +62,20 @@ async def test_run_resume_regenerate_finalize(store: Store, tmp_path, gateway):
     assert not raw.duplicated(["run_id", "prompt_id", "image_index"]).any()
     assert raw["cost_usd"].sum() == pytest.approx(15 * SMALL_PRICE, rel=1e-9)
 
+
+
+async def test_image_uri_keeps_the_scheme_written(store: Store, tmp_path, gateway):
+    ids, texts = numbered(2)
+    prompts = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    summary = await run_batch(
+        gateway, prompts=prompts, output=store.url, output_storage_options=dict(store.storage_options)
+    )
+    rows = current(store.url, store.storage_options)
+    expected_prefix = store.url.rstrip("/") + "/images/"
+    if store.kind == "local":
+        expected_prefix = "file://" + expected_prefix
+    assert all(uri.startswith(expected_prefix) for uri in rows["image_uri"]), list(rows["image_uri"])
+    assert summary.output_uri.rstrip("/") == expected_prefix.removesuffix("/images/")
+    for uri in rows["image_uri"]:
+        assert store.fs.cat_file(uri)[:4] == b"\x89PNG"  # the URI as written reaches the object
+
