@@ -69,6 +69,11 @@ class StorageLocation:
         return uri
 
     @property
+    def is_local(self) -> bool:
+        """On a local filesystem (no per-request cost or latency)."""
+        return _is_local(self.fs)
+
+    @property
     def uri(self) -> str:
         return self._as_written(self.root)
 
