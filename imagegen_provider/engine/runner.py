@@ -220,6 +220,8 @@ class BatchRunner:
             writer=self.config.shard_label,
             flush_rows=self.config.flush_rows,
             flush_seconds=self.config.flush_seconds,
+            # Rows hold their request slot until journaled: once every slot waits, the group is complete.
+            group_rows=max(1, self.client.limiter.limits.max_in_flight) if self.client is not None else 64,
         )
         await asyncio.to_thread(sink.recover)
         state = await asyncio.to_thread(ResumeState.load, self.output)

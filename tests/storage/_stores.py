@@ -51,3 +51,9 @@ def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> Stor
         return Store(kind="s3", url=f"s3://{s3['bucket']}/out-{token}", storage_options=s3["storage_options"])
     azurite = request.getfixturevalue("azurite")
     return Store(kind="az", url=f"az://{azurite['container']}/out-{token}", storage_options=azurite["storage_options"])
+
+
+def azurite_requests(debug_log: Any) -> int:
+    """Requests Azurite has served so far, from its debug log (one context line per request)."""
+    with open(debug_log, "rb") as handle:
+        return sum(1 for line in handle if b"BlobStorageContextMiddleware: RequestMethod=" in line)
