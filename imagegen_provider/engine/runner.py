@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imagegen_provider.engine.keys import image_file_name
+from imagegen_provider.engine.logs import quiet_storage_logs
 from imagegen_provider.engine.metadata import METADATA_DIR, MetadataSink
 from imagegen_provider.engine.plan import ImageJob, images_of, jobs_for_row
 from imagegen_provider.engine.pricing import NO_COST, Cost, PriceTable
@@ -67,8 +68,9 @@ class RunConfig:
     run_id: str | None = None
     labels: Mapping[str, str | None] = field(default_factory=dict)
     provider: str | None = None
-    prompts_storage_options: Mapping[str, Any] | None = None
-    output_storage_options: Mapping[str, Any] | None = None
+    #: fsspec options (credentials): kept out of the repr, which tracebacks and debuggers print.
+    prompts_storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    output_storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
     progress_interval: float = 30.0
     flush_rows: int = 1000
     flush_seconds: float = 30.0
@@ -209,6 +211,10 @@ class BatchRunner:
     # -- running ---------------------------------------------------------------------------------
 
     async def run(self) -> RunSummary:
+        with quiet_storage_logs():
+            return await self._run()
+
+    async def _run(self) -> RunSummary:
         started = time.monotonic()
         table = await asyncio.to_thread(self._open_table)
         total = await asyncio.to_thread(self._count_images, table)
