@@ -112,6 +112,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--dry-run", action="store_true", help="Count images and estimate cost; call nothing.")
     batch.add_argument("--no-finalize", action="store_true", help="Skip writing metadata.parquet (for shards).")
     batch.add_argument("--progress-interval", type=float, default=10.0)
+    batch.add_argument("--flush-rows", type=int, default=1000, help="Metadata rows per Parquet part (default 1000).")
     batch.add_argument("--json", action="store_true", help="Print the summary as JSON only.")
 
 
@@ -156,6 +157,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         max_cost_usd=args.max_cost,
         dry_run=args.dry_run,
         progress_interval=args.progress_interval,
+        flush_rows=args.flush_rows,
     )
     settings = ClientSettings(
         base_url=args.base_url.rstrip("/") if args.base_url else None,

@@ -176,9 +176,10 @@ def _cli(prompts: str, output: str, base_url: str, max_in_flight: int) -> list[s
 def _journal_keys(output) -> set[tuple[str, int]]:
     keys = set()
     for entry in (output / "metadata" / "_journal").rglob("*.json"):
-        row = json.loads(entry.read_bytes())
-        if row["status"] == "succeeded":
-            keys.add((row["prompt_id"], row["image_index"]))
+        for line in entry.read_bytes().splitlines():  # an entry holds a group of rows, one JSON object a line
+            row = json.loads(line)
+            if row["status"] == "succeeded":
+                keys.add((row["prompt_id"], row["image_index"]))
     return keys
 
 
