@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from typing import Any
 
@@ -14,13 +16,45 @@ from imagegen_provider import __version__
 
 ENV_API_KEY = "IMAGEGEN_API_KEY"
 
+#: Exit codes of ``imagegen run``: 0 all done, 1 some images failed or not attempted, 2 the run could not
+#: start (nothing was sent), 3 the output refused a write (the run stopped; see the error line), and
+#: 128 + signal number after SIGINT (130) or SIGTERM (143).
+EXIT_INCOMPLETE, EXIT_USAGE, EXIT_OUTPUT = 1, 2, 3
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def _rows(text: str) -> tuple[int, int | None]:
     start, _, stop = text.partition(":")
     try:
-        return int(start or 0), (int(stop) if stop else None)
+        first, last = int(start or 0), (int(stop) if stop else None)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--rows takes START:STOP (e.g. 0:1000), not {text!r}") from None
+    if first < 0 or (last is not None and last <= first):
+        raise argparse.ArgumentTypeError(f"--rows START:STOP needs 0 <= START < STOP, not {text!r}")
+    return first, last
+
+
+def _number(*, minimum: float, inclusive: bool, kind: type = float) -> Any:
+    """An argparse type: a finite number at or above (``inclusive``) or above ``minimum``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _price_alias(text: str) -> tuple[str, str]:
+    alias, sep, model = text.partition("=")
+    if not sep or not alias.strip() or not model.strip():
+        raise argparse.ArgumentTypeError(f"--price-as takes ALIAS=MODEL (e.g. my-gw-model=dall-e-3), not {text!r}")
+    return alias.strip(), model.strip()
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -85,11 +119,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     gateway.add_argument("--api-key", help=f"API key (default: ${ENV_API_KEY}). Never printed.")
     gateway.add_argument("--dialect", choices=["openai", "indoxhub", "router"], default="openai")
     gateway.add_argument("--accepts-seed", action="store_true", default=None, help="Send seeds in the openai dialect.")
-    gateway.add_argument("--rpm", type=float, help="Requests per minute.")
-    gateway.add_argument("--ipm", type=float, help="Images per minute.")
-    gateway.add_argument("--max-in-flight", type=int, default=16, help="Requests in flight at once (default 16).")
-    gateway.add_argument("--max-attempts", type=int, default=5, help="Attempts per image (default 5).")
-    gateway.add_argument("--timeout", type=float, default=300.0, help="Read timeout in seconds (default 300).")
+    positive = _number(minimum=0, inclusive=False)
+    at_least_one = _number(minimum=1, inclusive=True, kind=int)
+    gateway.add_argument("--rpm", type=positive, help="Requests per minute.")
+    gateway.add_argument("--ipm", type=positive, help="Images per minute.")
+    gateway.add_argument("--max-in-flight", type=at_least_one, default=16,
+                         help="Requests in flight at once (default 16).")
+    gateway.add_argument("--max-attempts", type=at_least_one, default=5, help="Attempts per image (default 5).")
+    gateway.add_argument("--timeout", type=positive, default=300.0, help="Read timeout in seconds (default 300).")
     gateway.add_argument(
         "--rate-limit-backend",
         help="redis://host:6379/0 to share --rpm/--ipm with every other process using the same backend.",
@@ -103,16 +140,23 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     request.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
                          help="Any other request parameter, e.g. --param output_format='\"webp\"'.")
     batch = parser.add_argument_group("batch")
-    batch.add_argument("--images-per-prompt", type=int, default=1)
+    batch.add_argument("--images-per-prompt", type=_number(minimum=1, inclusive=True, kind=int), default=1)
     batch.add_argument("--seed", type=int, default=0, help="Base seed (default 0).")
     batch.add_argument("--prompt-column", default="prompt")
     batch.add_argument("--id-column", default="id")
     batch.add_argument("--rows", type=_rows, help="Only rows START:STOP of the table (a shard).")
-    batch.add_argument("--max-cost", type=float, help="Stop before spending more than this many USD.")
+    batch.add_argument("--max-cost", type=_number(minimum=0, inclusive=True),
+                       help="Stop before spending more than this many USD.")
+    batch.add_argument("--prices", metavar="FILE",
+                       help="JSON price overrides shaped like the packaged prices.json (entries merge into it).")
+    batch.add_argument("--price-as", type=_price_alias, action="append", default=[], metavar="ALIAS=MODEL",
+                       help="Price a gateway's model name as a listed model (repeatable), e.g. --price-as "
+                       "my-route=dall-e-3.")
     batch.add_argument("--dry-run", action="store_true", help="Count images and estimate cost; call nothing.")
     batch.add_argument("--no-finalize", action="store_true", help="Skip writing metadata.parquet (for shards).")
-    batch.add_argument("--progress-interval", type=float, default=10.0)
-    batch.add_argument("--flush-rows", type=int, default=1000, help="Metadata rows per Parquet part (default 1000).")
+    batch.add_argument("--progress-interval", type=_number(minimum=0, inclusive=False), default=10.0)
+    batch.add_argument("--flush-rows", type=_number(minimum=1, inclusive=True, kind=int), default=1000,
+                       help="Metadata rows per Parquet part (default 1000).")
     batch.add_argument("--json", action="store_true", help="Print the summary as JSON only.")
 
 
@@ -129,12 +173,9 @@ def _params(items: list[str]) -> dict[str, Any]:
     return params
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from imagegen_provider.connect import open_client
-    from imagegen_provider.engine.finalize import finalize_output
-    from imagegen_provider.engine.runner import BatchRunner, RunConfig
-    from imagegen_provider.transport.ratelimit import RateLimits
-    from imagegen_provider.transport.settings import ClientSettings
+def _run_config(args: argparse.Namespace) -> Any:
+    from imagegen_provider.engine.pricing import read_price_file
+    from imagegen_provider.engine.runner import RunConfig
 
     defaults = _params(args.param)
     for name in ("model", "size", "quality", "style", "response_format"):
@@ -142,7 +183,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             defaults[name] = getattr(args, name)
     start, stop = args.rows or (0, None)
     prompts_options, output_options = _storage_options(args)
-    config = RunConfig(
+    return RunConfig(
         prompts_storage_options=prompts_options,
         output_storage_options=output_options,
         prompts=args.prompts,
@@ -156,9 +197,20 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         row_stop=stop,
         max_cost_usd=args.max_cost,
         dry_run=args.dry_run,
+        prices=read_price_file(args.prices) if args.prices else None,
+        price_as=dict(args.price_as),
+        # The bundled gateway charges play money: rows say so.
+        simulated=not args.base_url,
         progress_interval=args.progress_interval,
         flush_rows=args.flush_rows,
     )
+
+
+def _client_settings(args: argparse.Namespace) -> Any:
+    from imagegen_provider.engine.preflight import check_client_settings
+    from imagegen_provider.transport.ratelimit import RateLimits
+    from imagegen_provider.transport.settings import ClientSettings
+
     settings = ClientSettings(
         base_url=args.base_url.rstrip("/") if args.base_url else None,
         api_key=args.api_key or os.environ.get(ENV_API_KEY) or ("local" if not args.base_url else None),
@@ -174,13 +226,43 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         max_attempts=args.max_attempts,
         accepts_seed=args.accepts_seed,
     )
-    if args.dry_run:
-        summary = await BatchRunner(config, client=None).run()
-    else:
-        async with open_client(settings) as client:
-            summary = await BatchRunner(config, client=client).run()
+    check_client_settings(settings)
+    return settings
+
+
+async def _generate(config: Any, settings: Any, received: list[int]) -> Any:
+    """Run the batch; SIGINT/SIGTERM ask the runner to stop (no new request, in-flight ones wound down)."""
+    from imagegen_provider.connect import open_client
+    from imagegen_provider.engine.runner import BatchRunner
+
+    if config.dry_run:
+        return await BatchRunner(config, client=None).run()
+    loop = asyncio.get_running_loop()
+    async with open_client(settings) as client:
+        runner = BatchRunner(config, client=client)
+
+        def on_signal(number: int) -> None:
+            received.append(number)
+            runner.request_stop(signal.Signals(number).name)
+
+        for number in _STOP_SIGNALS:
+            loop.add_signal_handler(number, on_signal, number)
+        try:
+            return await runner.run()
+        finally:
+            for number in _STOP_SIGNALS:
+                loop.remove_signal_handler(number)
+
+
+async def _run(args: argparse.Namespace, received: list[int] | None = None) -> dict[str, Any]:
+    from imagegen_provider.engine.finalize import finalize_output
+
+    received = [] if received is None else received
+    config = _run_config(args)
+    settings = _client_settings(args)
+    summary = await _generate(config, settings, received)
     result: dict[str, Any] = {"run": summary.to_dict()}
-    if not args.no_finalize and not args.dry_run:
+    if not args.no_finalize and not args.dry_run and not received:
         report = await asyncio.to_thread(
             finalize_output,
             args.output,
@@ -188,10 +270,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             prompt_column=args.prompt_column,
             id_column=args.id_column,
             images_per_prompt=args.images_per_prompt,
-            row_start=start,
-            row_stop=stop,
-            output_storage_options=output_options,
-            prompts_storage_options=prompts_options,
+            row_start=config.row_start,
+            row_stop=config.row_stop,
+            output_storage_options=config.output_storage_options,
+            prompts_storage_options=config.prompts_storage_options,
         )
         result["dataset"] = report.brief()
     return result
@@ -225,16 +307,30 @@ def _exit_code(result: dict[str, Any]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from imagegen_provider.engine.lease import LeaseHeldError
+    from imagegen_provider.engine.runner import OutputWriteError
     from imagegen_provider.transport.client import quiet_request_logs
     from imagegen_provider.wire.errors import ImageGenError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    received: list[int] = []
     try:
         with quiet_request_logs():
-            result = asyncio.run(_run(args))
-    except (ImageGenError, ValueError, FileNotFoundError) as exc:
+            result = asyncio.run(_run(args, received))
+    except OutputWriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_OUTPUT
+    except (ImageGenError, ValueError, FileNotFoundError, LeaseHeldError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if received:
+        run = result["run"]
+        print(
+            f"stopped by {signal.Signals(received[0]).name}: {run['succeeded']} stored, {run['failed']} failed, "
+            f"{run['not_attempted']} not attempted, cost ${run['cost_usd']:.4f}; metadata flushed, rerun to resume",
+            file=sys.stderr,
+        )
+        return 128 + received[0]
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -313,17 +409,26 @@ def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from imagegen_gateway.config import add_gateway_arguments
 
-    parser = argparse.ArgumentParser(prog="imagegen", description="Image datasets from Parquet prompt tables.")
+    # allow_abbrev=False: an unknown option must be an error, not a prefix of another (--api batch would be
+    # read as --api-key batch).
+    parser = argparse.ArgumentParser(
+        prog="imagegen", description="Image datasets from Parquet prompt tables.", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="Generate images for a prompt table (exit 0 only if all succeeded).")
+    run = commands.add_parser(
+        "run", help="Generate images for a prompt table (exit 0 only if all succeeded).", allow_abbrev=False,
+        epilog="Exit codes: 0 all images stored; 1 some failed or were not attempted; 2 the run could not start "
+        "(nothing was sent); 3 the output refused a write (the run stopped); 130/143 stopped by SIGINT/SIGTERM.",
+    )
     _add_run_arguments(run)
     _add_storage_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     gateway = commands.add_parser(
         "gateway",
+        allow_abbrev=False,
         help="Serve the bundled OpenAI-compatible gateway (openai /v1, indoxhub /api/v1, router /router/v1).",
         description="The bundled local gateway: deterministic images, configurable latency, limits and faults. "
         "With no options it accepts any API key and injects no faults.",
@@ -331,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateway_arguments(gateway)
     gateway.set_defaults(func=_cmd_gateway)
 
-    finalize = commands.add_parser("finalize", help="Compact metadata into metadata.parquet and check completeness.")
+    finalize = commands.add_parser(
+        "finalize", help="Compact metadata into metadata.parquet and check completeness.", allow_abbrev=False
+    )
     finalize.add_argument("output")
     finalize.add_argument("--prompts", help="The prompt table, to list missing images.")
     finalize.add_argument("--images-per-prompt", type=int, default=1)
@@ -347,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     sheet.add_argument("--max-pages", type=int, help="At most this many pages of 64 images (default: all).")
     sheet.set_defaults(func=_cmd_contact_sheet)
 
-    plan = commands.add_parser("plan", help="Print shard descriptors (row ranges) of a prompt table as JSON.")
+    plan = commands.add_parser(
+        "plan", help="Print shard descriptors (row ranges) of a prompt table as JSON.", allow_abbrev=False
+    )
     plan.add_argument("prompts")
     plan.add_argument("--shard-size", type=int, default=1000)
     plan.add_argument("--max-shards", type=int, default=1024)
@@ -359,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    code: int = args.func(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagegen_provider.cli import ENV_API_KEY, main
 from imagegen_gateway import GatewayConfig
+from imagegen_provider.cli import ENV_API_KEY, main
 
 SECRET = "sk-cli-secret-key-0123456789abcdef"
 SMALL_ARGS = ["--model", "dall-e-2", "--size", "256x256", "--response-format", "b64_json"]
@@ -78,7 +78,9 @@ def test_json_summary(tmp_path, capsys):
     assert result["dataset"]["complete"] is True and result["dataset"]["succeeded"] == 2
 
 
-def test_api_key_comes_from_the_environment_and_is_never_printed(tmp_path, capsys, caplog, gateway_factory, monkeypatch):
+def test_api_key_comes_from_the_environment_and_is_never_printed(
+    tmp_path, capsys, caplog, gateway_factory, monkeypatch
+):
     gateway = gateway_factory(GatewayConfig(api_key=SECRET))
     prompts = _prompts(tmp_path, ["a lake", "a cliff"])
     base = ["--base-url", f"{gateway.base_url}/v1", *SMALL_ARGS, "--max-in-flight", "2"]
@@ -163,7 +165,7 @@ def test_custom_columns_on_every_command(tmp_path, capsys):
 def test_unusable_table_is_an_error_naming_the_column(tmp_path, capsys):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["x", "y"]}), path)
-    code, out, err = _run(capsys, "run", str(path), str(tmp_path / "out"), *SMALL_ARGS)
+    code, _out, err = _run(capsys, "run", str(path), str(tmp_path / "out"), *SMALL_ARGS)
     assert code == 2 and "duplicate id 'a' in column 'id'" in err and "row 1" in err
 
 
@@ -194,3 +196,70 @@ def test_run_help_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("imagegen ")
+
+
+def test_options_are_never_abbreviated(tmp_path, capsys, gateway):
+    prompts = _prompts(tmp_path, ["a lake"])
+    with pytest.raises(SystemExit) as exited:
+        main(["run", prompts, str(tmp_path / "out"), "--base-url", f"{gateway.base_url}/v1", "--api", "batch"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --api batch" in capsys.readouterr().err
+    assert gateway.stats()["total_requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--rows", "5:2"], "0 <= START < STOP"),
+        (["--rows", "3:3"], "0 <= START < STOP"),
+        (["--timeout", "0"], "must be a finite number > 0"),
+        (["--max-in-flight", "0"], "must be a finite number >= 1"),
+        (["--rpm", "-1"], "must be a finite number > 0"),
+        (["--max-cost", "nan"], "must be a finite number >= 0"),
+        (["--images-per-prompt", "0"], "must be a finite number >= 1"),
+        (["--price-as", "no-equals-sign"], "--price-as takes ALIAS=MODEL"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_before_anything_is_sent(tmp_path, capsys, option, message):
+    prompts = _prompts(tmp_path, ["a lake"])
+    with pytest.raises(SystemExit) as exited:
+        main(["run", prompts, str(tmp_path / "out"), *SMALL_ARGS, *option])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_url_without_a_scheme_is_refused(tmp_path, capsys):
+    prompts = _prompts(tmp_path, ["a lake"])
+    code, out, err = _run(capsys, "run", prompts, str(tmp_path / "out"), *SMALL_ARGS, "--base-url", "localhost:9/v1")
+    assert code == 2 and not out
+    assert err.strip() == "error: base URL must start with http:// or https://, not 'localhost:9/v1'"
+
+
+def test_bundled_gateway_rows_are_simulated_and_priced_from_a_price_file(tmp_path, capsys):
+    prompts = _prompts(tmp_path, ["a lake", "a cliff"])
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"per_image": {"dall-e-2": {"256x256": {"*": 0.5}}}}))
+    output = tmp_path / "out"
+    code, out, err = _run(capsys, "run", prompts, str(output), *SMALL_ARGS, "--prices", str(prices), "--json")
+    assert code == 0, err
+    assert json.loads(out)["run"]["cost_usd"] == pytest.approx(1.0)
+    rows = pd.read_parquet(output / "metadata.parquet")
+    assert set(rows["provider"]) == {"local"} and set(rows["cost_source"]) == {"simulated"}
+    assert list(rows["cost_usd"]) == [0.5, 0.5]
+    code, out, err = _run(capsys, "run", prompts, str(tmp_path / "x"), *SMALL_ARGS, "--prices", str(tmp_path / "no"))
+    assert code == 2 and "price file" in err and "No such file" in err
+
+
+def test_second_run_on_a_live_output_fails_fast(tmp_path, capsys):
+    from imagegen_provider.engine.lease import Lease
+    from imagegen_provider.engine.storage import StorageLocation
+
+    prompts = _prompts(tmp_path, ["a lake"])
+    output = tmp_path / "out"
+    holder = Lease(StorageLocation.from_url(str(output)), shard="all", run_id="run-holder")
+    holder.acquire()
+    code, out, err = _run(capsys, "run", prompts, str(output), *SMALL_ARGS)
+    assert code == 2 and not out
+    assert err.startswith("error: output file://") and "is being written by run run-holder" in err
+    holder.release()

@@ -33,8 +33,11 @@ def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any]
     columns = [*GROUP_COLUMNS, "images_succeeded", "images_failed", "cost_usd", "unpriced_images"]
     if not frames:
         return pd.DataFrame(columns=columns)
-    rows = pd.concat(frames, ignore_index=True).drop_duplicates(
-        ["output", "run_id", "prompt_id", "image_index", "finished_at"]
+    # One row per attempt. A paid image the output refused and a later run stored from the rescue folder has
+    # two rows of the same attempt (failed, then succeeded, same cost): the success is the one that counts.
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows.sort_values("status", key=lambda s: s == STATUS_SUCCEEDED, kind="stable").drop_duplicates(
+        ["output", "run_id", "prompt_id", "image_index", "finished_at"], keep="last"
     )
     rows["day"] = rows["finished_at"].dt.strftime("%Y-%m-%d")
     for column in ("model", "provider", "dag_id"):

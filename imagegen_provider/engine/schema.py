@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -55,8 +57,10 @@ STATUS_SUCCEEDED = "succeeded"
 STATUS_FAILED = "failed"
 COST_REPORTED = "reported"
 COST_ESTIMATED = "estimated"
+#: Charged by the bundled local gateway: play money, priced from the same table.
+COST_SIMULATED = "simulated"
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows (dicts keyed by column name; missing keys are null) as a table of the public schema."""
     return pa.Table.from_pylist([{name: row.get(name) for name in COLUMNS} for row in rows], schema=METADATA_SCHEMA)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import uuid
 from collections import OrderedDict
@@ -133,19 +134,21 @@ class StorageLocation:
         try:
             with self.fs.open(temp, "wb") as handle:
                 yield handle
-            self.fs.mv(temp, path)
+            # os.replace, not fs.mv: mv moves a file *into* a folder that stands at its name, which would
+            # report an image stored that is not where its row says.
+            os.replace(temp, path)
         except BaseException:
             if self.fs.exists(temp):
                 self.fs.rm(temp)
             raise
 
     def read_bytes(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
+        return bytes(self.fs.cat_file(self.path(relative)))
 
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
+        return bool(self.fs.exists(self.path(relative)))
 
-    def open(self, relative: str, mode: str = "rb"):
+    def open(self, relative: str, mode: str = "rb") -> Any:
         path = self.path(relative)
         if "w" in mode:
             self._ensure_parent(path)

@@ -12,13 +12,21 @@ from PIL import Image
 
 from imagegen_gateway import GatewayConfig
 from imagegen_provider.engine import BatchRunner, PriceTable, RunConfig, finalize_output
+from imagegen_provider.engine.budget import BlindSpending, Budget, BudgetExceeded
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.report import GROUP_COLUMNS, build_cost_report, plot_cost_report
+from imagegen_provider.engine.runner import OutputWriteError
 from imagegen_provider.wire.result import Usage
 
 from ._support import SMALL, SMALL_PRICE, current, history, numbered, run_batch, write_prompts
 
 B64 = {"response_format": "b64_json"}
+
+
+@pytest.fixture(autouse=True)
+def _rescue_in_tmp(tmp_path, monkeypatch):
+    """Rescue folders of these tests stay in their tmp folder, never in ~/.cache."""
+    monkeypatch.setenv("IMAGEGEN_RESCUE_DIR", str(tmp_path / "rescue"))
 
 
 # -- the price table ---------------------------------------------------------------------------------------
@@ -53,6 +61,51 @@ def test_price_overrides_merge_into_the_packaged_table():
         PriceTable.load(["not", "a", "mapping"])  # type: ignore[arg-type]
 
 
+def test_price_as_prices_an_alias_as_a_listed_model():
+    prices = PriceTable.load(price_as={"gw-images": "dall-e-3", "gw-tokens": "gpt-image-1"})
+    assert prices.estimate(model="gw-images", size="1024x1024", quality="hd") == 0.08
+    assert prices.cost(model="router/gw-images", size="1024x1024", quality="standard").usd == 0.04
+    assert prices.estimate(model="gw-tokens", size="1024x1024", quality="low") == pytest.approx(272 * 40.0 / 1e6)
+    with pytest.raises(ValueError, match="price_as maps 'x' to 'nothing-listed', which has no price"):
+        PriceTable.load(price_as={"x": "nothing-listed"})
+
+
+@pytest.mark.parametrize("garbage", [math.nan, -0.5, math.inf, -math.inf, "0.02", True])
+def test_unusable_reported_cost_is_ignored_for_the_list_price(garbage, caplog):
+    cost = PriceTable.load().response_cost(model="dall-e-2", size="256x256", quality=None, reported_usd=garbage)
+    assert (cost.usd, cost.source) == (SMALL_PRICE, "estimated")
+    assert "unusable cost" in caplog.text
+
+
+def test_response_cost_covers_every_image_a_response_carried():
+    prices = PriceTable.load()
+    assert prices.response_cost(model="dall-e-2", size="256x256", quality=None, images=4).usd == 4 * SMALL_PRICE
+    assert prices.response_cost(model="dall-e-2", size="256x256", quality=None, reported_usd=0.3, images=4).usd == 0.3
+    negative = Usage(input_tokens=-10**9, output_tokens=0, input_text_tokens=-10**9, output_image_tokens=0)
+    # Negative token counts make no cost (the budget then counts the estimate), never a refund.
+    assert prices.response_cost(model="gpt-image-1", size=None, quality=None, usage=negative).usd is None
+
+
+def test_budget_counts_unknown_costs_at_the_estimate_and_refuses_blind_spending():
+    budget = Budget(limit=1.0)
+    assert budget.must_wait(0.1)  # the first request of a limited run goes alone
+    first = budget.admit(0.1)
+    budget.settle(first, [None], returned=1, requested=1)
+    assert budget.spent == pytest.approx(0.1) and not budget.must_wait(0.1)
+    over = budget.admit(0.1)
+    budget.settle(over, [0.2], returned=2, requested=1)  # two images for one: the next is expected at double
+    assert budget.inflation == 2 and budget.expected(0.1) == pytest.approx(0.2)
+    with pytest.raises(BudgetExceeded, match="would exceed max_cost_usd"):
+        for _ in range(10):
+            budget.admit(0.1)
+    blind = Budget(limit=1.0)
+    with pytest.raises(BlindSpending, match="cannot be enforced"):
+        blind.settle(blind.admit(None), [math.nan], returned=1, requested=1)
+    assert Budget().admit(None).usd == 0.0  # no limit: nothing to enforce, costs still counted when known
+    with pytest.raises(ValueError, match="finite"):
+        Budget(limit=math.nan)
+
+
 # -- cost of real responses --------------------------------------------------------------------------------
 
 
@@ -66,11 +119,11 @@ async def test_reported_cost_wins(tmp_path, gateway):
         gateway, prompts=path, output=str(tmp_path / "out"), dialect="indoxhub", request_defaults=defaults
     )
     rows = current(tmp_path / "out")
+    # What the gateway reports is what the rows record, whatever its own price table says.
     assert set(rows["cost_source"]) == {"reported"}
-    charged = gateway.stats()["spent_usd"]
-    assert charged > 0
-    assert list(rows["cost_usd"]) == [pytest.approx(charged / 2)] * 2
-    assert summary.cost_usd == pytest.approx(charged)
+    spent = gateway.stats()["spent_usd"]
+    assert spent > 0 and list(rows["cost_usd"]) == [pytest.approx(spent / 2)] * 2
+    assert summary.cost_usd == pytest.approx(spent)
 
 
 async def test_token_priced_model_cost_from_usage(tmp_path, gateway):
@@ -79,7 +132,7 @@ async def test_token_priced_model_cost_from_usage(tmp_path, gateway):
     defaults = {"model": "gpt-image-1", "quality": "low", "size": "1024x1024"}
     await run_batch(gateway, prompts=path, output=str(tmp_path / "out"), request_defaults=defaults)
     rows = current(tmp_path / "out")
-    for pid, text in zip(["a", "b"], texts):
+    for pid, text in zip(["a", "b"], texts, strict=True):
         row = rows.loc[(pid, 0)]
         assert row["status"] == "succeeded" and row["cost_source"] == "estimated"
         assert (row["input_tokens"], row["output_tokens"]) == (math.ceil(len(text) / 4), 272)
@@ -202,10 +255,12 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     ids, texts = numbered(3)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     first, second = tmp_path / "first", tmp_path / "second"
-    # First output: p001 is paid for but cannot be stored, then regenerated: both payments belong in the report.
+    # First output: p001 is paid for but cannot be stored; it is kept in the rescue folder and stored by the
+    # rerun: one payment, one success.
     blocked = first / "images" / "p001" / f"0-{derive_seed(0, 'p001', 0)}.png"
     blocked.mkdir(parents=True)
-    await run_batch(gateway, prompts=path, output=str(first), labels={"dag_id": "dag_a"}, provider="local")
+    with pytest.raises(OutputWriteError):
+        await run_batch(gateway, prompts=path, output=str(first), labels={"dag_id": "dag_a"}, provider="local")
     blocked.rmdir()
     await run_batch(gateway, prompts=path, output=str(first), labels={"dag_id": "dag_a"}, provider="local")
     # Second output: another model through another dialect and DAG, one refused prompt.
@@ -221,15 +276,17 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     assert len(a) == 1
     a = a.iloc[0]
     assert (a["model"], a["provider"]) == ("dall-e-2", "local")
-    assert (a["images_succeeded"], a["images_failed"]) == (3, 1)
-    assert a["cost_usd"] == pytest.approx(4 * SMALL_PRICE)  # 3 stored + 1 paid but lost
+    assert (a["images_succeeded"], a["images_failed"]) == (3, 0)
+    assert a["cost_usd"] == pytest.approx(3 * SMALL_PRICE)
     b = report[report["dag_id"] == "dag_b"].set_index("provider")
     # The gateway names the provider of a generated image; the refused one never got that far.
     assert sorted(b.index) == ["openai", "unknown"]
     assert (b.loc["openai", "images_succeeded"], b.loc["openai", "cost_usd"]) == (1, pytest.approx(SMALL_PRICE))
     assert (b.loc["unknown", "images_failed"], b.loc["unknown", "cost_usd"]) == (1, 0.0)
     histories = pd.concat([history(first), history(second)])
-    assert report["cost_usd"].sum() == pytest.approx(histories["cost_usd"].sum())
+    # One attempt, one payment: the stored rescued image supersedes its failed row (same run and finish time).
+    attempts = histories.drop_duplicates(["run_id", "prompt_id", "image_index", "finished_at"])
+    assert report["cost_usd"].sum() == pytest.approx(attempts["cost_usd"].sum())
 
     png = plot_cost_report(report, str(tmp_path / "cost.png"))
     with Image.open(png) as image:

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileOpener
 
+from imagegen_gateway import GatewayConfig
 from imagegen_provider.engine import finalize_output
 from imagegen_provider.engine import metadata as metadata_module
 from imagegen_provider.engine.metadata import MetadataSink, read_metadata, recover_journal
 from imagegen_provider.engine.storage import StorageLocation
-from imagegen_gateway import GatewayConfig
 
 from ._support import SMALL_PRICE, all_files, current, history, image_files, numbered, run_batch, write_prompts
 

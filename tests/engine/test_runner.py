@@ -3,9 +3,11 @@ progress, summary, per-image failures and fatal errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import threading
 import uuid
 
 import duckdb
@@ -14,10 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imagegen_provider.engine import COLUMNS, METADATA_SCHEMA, finalize_output
+from imagegen_gateway import GatewayConfig
+from imagegen_provider.engine import COLUMNS, METADATA_SCHEMA, BatchRunner, RunConfig, finalize_output
 from imagegen_provider.engine.keys import derive_seed
 from imagegen_provider.engine.metadata import MetadataSink
-from imagegen_gateway import GatewayConfig
+from imagegen_provider.engine.runner import OutputWriteError
+from imagegen_provider.transport.client import ImageGenClient
 
 from ._support import (
     SMALL,
@@ -26,6 +30,7 @@ from ._support import (
     current,
     history,
     image_files,
+    make_client,
     numbered,
     run_batch,
     write_prompts,
@@ -122,7 +127,7 @@ async def test_metadata_reads_with_pandas_and_duckdb_in_the_public_schema(tmp_pa
     assert (count, succeeded) == (10, 6)
     assert cost == pytest.approx(6 * SMALL_PRICE)
     relation = duckdb.sql(f"select * from read_parquet('{glob}')")
-    types = dict(zip(relation.columns, map(str, relation.types)))
+    types = dict(zip(relation.columns, map(str, relation.types), strict=True))
     assert list(relation.columns) == list(COLUMNS)
     assert types["image_index"] == "INTEGER" and types["seed"] == "BIGINT"
     assert types["finished_at"] == "TIMESTAMP WITH TIME ZONE" and types["cost_usd"] == "DOUBLE"
@@ -205,7 +210,8 @@ async def test_summary_reports_counts_cost_paths_and_duration(tmp_path, gateway)
     data = summary.to_dict()
     json.dumps(data)  # small and plain: fits XCom
     assert data["run_id"] == "run-x"
-    assert (data["total_images"], data["succeeded"], data["failed"], data["skipped_existing"], data["not_attempted"]) == (
+    counts = ("total_images", "succeeded", "failed", "skipped_existing", "not_attempted")
+    assert tuple(data[name] for name in counts) == (
         8, 6, 2, 0, 0
     )
     assert data["cost_usd"] == pytest.approx(6 * SMALL_PRICE)
@@ -220,30 +226,43 @@ async def test_summary_reports_counts_cost_paths_and_duration(tmp_path, gateway)
 # -- one bad image never sinks the batch, and a paid image keeps its cost ----------------------------------
 
 
-async def test_storage_failure_fails_that_row_and_keeps_its_cost(tmp_path, gateway):
-    ids, texts = numbered(4)
+@pytest.fixture(autouse=True)
+def _rescue_in_tmp(tmp_path, monkeypatch):
+    """Rescue folders of these tests stay in their tmp folder, never in ~/.cache."""
+    monkeypatch.setenv("IMAGEGEN_RESCUE_DIR", str(tmp_path / "rescue"))
+
+
+async def test_storage_failure_stops_the_run_and_keeps_the_cost_of_the_paid_image(tmp_path, gateway):
+    ids, texts = numbered(12)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     output = tmp_path / "out"
-    # A folder where p001's image must go: writing it fails (IsADirectoryError) after the image was paid for.
-    blocked = output / "images" / "p001" / f"0-{derive_seed(0, 'p001', 0)}.png"
+    # A folder where p000's image must go: writing it fails (IsADirectoryError) after the image was paid for.
+    blocked = output / "images" / "p000" / f"0-{derive_seed(0, 'p000', 0)}.png"
     blocked.mkdir(parents=True)
-    summary = await run_batch(gateway, prompts=path, output=str(output))
-    assert (summary.succeeded, summary.failed, summary.stopped_reason) == (3, 1, None)
-    assert summary.cost_usd == pytest.approx(4 * SMALL_PRICE)  # the failed image was paid for too
-    row = current(output).loc[("p001", 0)]
-    assert row["status"] == "failed"
-    assert row["error_type"] in ("IsADirectoryError", "OSError", "PermissionError")
+    with pytest.raises(OutputWriteError, match=r"refused a write \(image images/p000/.*IsADirectoryError") as raised:
+        await run_batch(gateway, prompts=path, output=str(output), max_in_flight=1)
+    summary = raised.value.summary
+    assert summary.stopped_reason.startswith("storage:")
+    # One slot: the job queued behind the failed one is dropped, never sent.
+    assert (summary.succeeded, summary.failed, summary.not_attempted) == (0, 1, 11)
+    assert summary.cost_usd == pytest.approx(SMALL_PRICE)  # the failed image was paid for
+    assert gateway.stats()["charged_images"] == 1
+    row = current(output).loc[("p000", 0)]
+    assert row["status"] == "failed" and row["error_type"] == "IsADirectoryError"
     assert row["cost_usd"] == pytest.approx(SMALL_PRICE) and row["cost_source"] == "estimated"
     assert row["request_id"] and row["attempts"] == 1
-    assert gateway.stats()["charged_images"] == 4
 
-    # Storage fixed: the rerun regenerates only that image; finalize counts both payments.
+    # The paid image was kept in the rescue folder: once storage is fixed, the rerun stores it first, then
+    # generates only the rest. Nothing is paid twice, and its cost is counted once.
+    assert "kept in" in str(raised.value) and "not paid again" in str(raised.value)
     blocked.rmdir()
     summary = await run_batch(gateway, prompts=path, output=str(output))
-    assert (summary.succeeded, summary.skipped_existing) == (1, 3)
+    assert (summary.succeeded, summary.skipped_existing) == (11, 1)
+    assert current(output).loc[("p000", 0), "status"] == "succeeded"
     report = finalize_output(str(output), prompts=path)
-    assert report.complete and report.succeeded == 4
-    assert report.total_cost_usd == pytest.approx(5 * SMALL_PRICE)
+    assert report.complete and report.succeeded == 12
+    assert report.total_cost_usd == pytest.approx(12 * SMALL_PRICE)
+    assert gateway.stats()["charged_images"] == 12
 
 
 # -- fatal errors stop dispatching at once -----------------------------------------------------------------
@@ -320,3 +339,152 @@ async def test_s3_prompts_and_output_with_resume(tmp_path, gateway, s3_server):
                              output_storage_options=options, prompts_storage_options=options)
     assert report.complete and report.succeeded == 10
     assert fs.exists(f"{base}/out/metadata.parquet") and fs.exists(f"{base}/out/run_summary.json")
+
+
+# -- every failure inside an image task is a row -----------------------------------------------------------
+
+
+async def test_an_exception_in_a_stage_fails_its_row_with_the_cost_already_incurred(tmp_path, gateway, monkeypatch):
+    ids, texts = numbered(4)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    original = BatchRunner._succeed
+
+    def flaky_succeed(self, row, file_name, image):
+        if row.prompt_id == "p001":
+            raise RuntimeError("a bug in a stage")
+        return original(self, row, file_name, image)
+
+    monkeypatch.setattr(BatchRunner, "_succeed", flaky_succeed)
+    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"))
+    assert (summary.succeeded, summary.failed, summary.stopped_reason) == (3, 1, None)
+    row = current(tmp_path / "out").loc[("p001", 0)]
+    assert (row["status"], row["error_type"], row["attempts"]) == ("failed", "RuntimeError", 1)
+    assert "a bug in a stage" in row["error_message"]
+    assert row["cost_usd"] == pytest.approx(SMALL_PRICE)  # it was paid before the stage failed
+    assert summary.cost_usd == pytest.approx(4 * SMALL_PRICE)
+
+
+async def test_an_unexpected_client_exception_fails_only_its_row(tmp_path, gateway, monkeypatch):
+    ids, texts = numbered(3)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    original = ImageGenClient.generate
+
+    async def generate(self, request):
+        if request.prompt == texts[1]:
+            raise ValueError("unexpected")
+        return await original(self, request)
+
+    monkeypatch.setattr(ImageGenClient, "generate", generate)
+    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"))
+    assert (summary.succeeded, summary.failed) == (2, 1)
+    row = current(tmp_path / "out").loc[("p001", 0)]
+    assert (row["error_type"], row["error_message"], row["attempts"]) == ("ValueError", "ValueError: unexpected", 1)
+
+
+# -- stopping on request -----------------------------------------------------------------------------------
+
+
+async def test_request_stop_from_another_thread_cancels_in_flight_and_sends_nothing_new(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(latency=(3, 3)))
+    ids, texts = numbered(10)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    output = tmp_path / "out"
+    config = RunConfig(prompts=path, output=str(output), request_defaults=SMALL, stop_grace_seconds=0)
+    async with make_client(gateway, max_in_flight=2) as client:
+        runner = BatchRunner(config, client=client)
+        task = asyncio.create_task(runner.run())
+        for _ in range(2000):
+            if gateway.stats()["generation_requests"]:
+                break
+            await asyncio.sleep(0.01)
+        sent = gateway.stats()["generation_requests"]
+        assert sent >= 1
+        stopper = threading.Thread(target=runner.request_stop, args=("operator on_kill",))
+        stopper.start()
+        summary = await asyncio.wait_for(task, 60)
+        stopper.join()
+    assert summary.stopped_reason == "stop requested: operator on_kill"
+    assert gateway.stats()["generation_requests"] == sent
+    rows = history(output)
+    # Every request that had entered the client is on record as cancelled (one may not have reached the
+    # gateway yet: its row still says it may have been charged, the safe assumption).
+    assert sent <= len(rows) <= 2 and set(rows["error_type"]) == {"StopCancelled"}
+    assert "may have charged it" in rows["error_message"].iloc[0]
+    assert summary.not_attempted == 10 - len(rows)
+    assert not (output / "metadata" / "_leases" / "all.json").exists()  # the lease was released
+
+
+async def test_request_stop_before_the_run_sends_nothing(tmp_path, gateway):
+    ids, texts = numbered(3)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    async with make_client(gateway) as client:
+        config = RunConfig(prompts=path, output=str(tmp_path / "out"), request_defaults=SMALL)
+        runner = BatchRunner(config, client=client)
+        runner.request_stop("shutting down")
+        summary = await runner.run()
+    assert summary.stopped_reason == "stop requested: shutting down" and summary.not_attempted == 3
+    assert gateway.stats()["generation_requests"] == 0
+
+
+async def test_a_second_stop_request_cancels_at_once(tmp_path, gateway_factory):
+    gateway = gateway_factory(GatewayConfig(latency=(3, 3)))
+    ids, texts = numbered(4)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    config = RunConfig(prompts=path, output=str(tmp_path / "out"), request_defaults=SMALL, stop_grace_seconds=600)
+    async with make_client(gateway, max_in_flight=1) as client:
+        runner = BatchRunner(config, client=client)
+        task = asyncio.create_task(runner.run())
+        for _ in range(2000):
+            if gateway.stats()["generation_requests"]:
+                break
+            await asyncio.sleep(0.01)
+        runner.request_stop("first signal")  # grace: the request in flight may finish (600 s here)
+        runner.request_stop("second signal")  # no more patience: cancel it
+        summary = await asyncio.wait_for(task, 60)
+    assert summary.stopped_reason == "stop requested: first signal"
+    rows = history(tmp_path / "out")
+    assert list(rows["error_type"]) == ["StopCancelled"] and gateway.stats()["generation_requests"] == 1
+
+
+class _GenerationFailed(Exception):
+    """Contract 3's failure (transport branch): the error, the attempts, every paid response."""
+
+    def __init__(self, error, attempts, paid):
+        super().__init__(str(error))
+        self.error, self.attempts, self.paid = error, attempts, paid
+
+
+async def test_contract_3_failures_and_discarded_responses_are_costed(tmp_path, gateway, monkeypatch):
+    from dataclasses import dataclass
+
+    from imagegen_provider.wire.errors import MalformedResponseError
+
+    ids, texts = numbered(2)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    original = ImageGenClient.generate
+
+    @dataclass(frozen=True)
+    class WithDiscarded:
+        images: list
+        result: object
+        attempts: int
+        latency_ms: float
+        dropped_fields: tuple
+        discarded: tuple
+
+    async def generate(self, request):
+        generation = await original(self, request)
+        if request.prompt == texts[0]:
+            # Two paid responses thrown away (corrupt images), then this one: three payments.
+            raise _GenerationFailed(MalformedResponseError("not an image"), 3, (generation.result,) * 3)
+        return WithDiscarded(generation.images, generation.result, 2, 1.0, (), (generation.result,))
+
+    monkeypatch.setattr(ImageGenClient, "generate", generate)
+    summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"))
+    rows = current(tmp_path / "out")
+    failed, ok = rows.loc[("p000", 0)], rows.loc[("p001", 0)]
+    assert (failed["status"], failed["error_type"], failed["attempts"]) == ("failed", "MalformedResponseError", 3)
+    assert failed["cost_usd"] == pytest.approx(3 * SMALL_PRICE)
+    assert (ok["status"], ok["attempts"]) == ("succeeded", 2)
+    assert ok["cost_usd"] == pytest.approx(2 * SMALL_PRICE)  # the discarded response was paid too
+    assert summary.cost_usd == pytest.approx(5 * SMALL_PRICE)

@@ -14,8 +14,8 @@ from airflow.sdk import ObjectStoragePath
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from PIL import Image
 
-from imagegen_provider.engine.schema import COLUMNS
 from imagegen_gateway import GatewayConfig
+from imagegen_provider.engine.schema import COLUMNS
 from imagegen_provider.operators.image_generation import ImageGenerationOperator
 
 from .conftest import FAST_REQUEST, SECRET, make_context, write_prompts
