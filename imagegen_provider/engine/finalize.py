@@ -354,7 +354,11 @@ def finalize_output(
     _fold_journals(location, refuse_live=not ranged)
     history = read_metadata(location).to_pandas()
     # A journal entry recovered twice by older versions is the same attempt twice: count it once.
-    history = history.drop_duplicates(["run_id", "prompt_id", "image_index", "finished_at"])
+    # A rescued image's row is that attempt again, succeeded: the success is kept, whatever order the parts
+    # were listed in.
+    history = history.sort_values("status", key=lambda s: s == STATUS_SUCCEEDED, kind="stable").drop_duplicates(
+        ["run_id", "prompt_id", "image_index", "finished_at"], keep="last"
+    )
     whole = wanted = None
     if prompts is not None:
         whole, wanted = _expected_keys(
