@@ -110,29 +110,12 @@ def _storage_options(args: argparse.Namespace) -> tuple[dict[str, Any] | None, d
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", help="Parquet prompt table: a path or any fsspec URL (s3://, gs://, memory://).")
     parser.add_argument("output", help="Output folder: images/, metadata/, metadata.parquet, run_summary.json.")
-    gateway = parser.add_argument_group("gateway")
-    gateway.add_argument(
-        "--base-url",
-        help="Gateway base URL including the version prefix (https://api.openai.com/v1). "
-        "Default: the bundled local gateway, in-process.",
-    )
-    gateway.add_argument("--api-key", help=f"API key (default: ${ENV_API_KEY}). Never printed.")
-    gateway.add_argument("--dialect", choices=["openai", "indoxhub", "router"], default="openai")
-    gateway.add_argument("--accepts-seed", action="store_true", default=None, help="Send seeds in the openai dialect.")
-    positive = _number(minimum=0, inclusive=False)
-    at_least_one = _number(minimum=1, inclusive=True, kind=int)
-    gateway.add_argument("--rpm", type=positive, help="Requests per minute.")
-    gateway.add_argument("--ipm", type=positive, help="Images per minute.")
-    gateway.add_argument("--max-in-flight", type=at_least_one, default=16,
-                         help="Requests in flight at once (default 16).")
-    gateway.add_argument("--max-attempts", type=at_least_one, default=5, help="Attempts per image (default 5).")
-    gateway.add_argument("--timeout", type=positive, default=300.0, help="Read timeout in seconds (default 300).")
-    gateway.add_argument(
-        "--rate-limit-backend",
-        help="redis://host:6379/0 to share --rpm/--ipm with every other process using the same backend.",
-    )
+    from imagegen_provider.transport.settings import add_client_arguments
+
+    # Every client setting, declared once in ClientSettings (the same ones a connection's extras set).
+    add_client_arguments(parser.add_argument_group("gateway"))
     request = parser.add_argument_group("request")
-    request.add_argument("--model")
+    # --model is a client setting (the gateway group): the default model of every request.
     request.add_argument("--size")
     request.add_argument("--quality")
     request.add_argument("--style")
@@ -208,23 +191,10 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 def _client_settings(args: argparse.Namespace) -> Any:
     from imagegen_provider.engine.preflight import check_client_settings
-    from imagegen_provider.transport.ratelimit import RateLimits
     from imagegen_provider.transport.settings import ClientSettings
 
-    settings = ClientSettings(
-        base_url=args.base_url.rstrip("/") if args.base_url else None,
-        api_key=args.api_key or os.environ.get(ENV_API_KEY) or ("local" if not args.base_url else None),
-        dialect=args.dialect,
-        limits=RateLimits(
-            requests_per_minute=args.rpm,
-            images_per_minute=args.ipm,
-            max_in_flight=args.max_in_flight,
-            backend=args.rate_limit_backend,
-            namespace="cli",
-        ),
-        read_timeout=args.timeout,
-        max_attempts=args.max_attempts,
-        accepts_seed=args.accepts_seed,
+    settings = ClientSettings.from_cli_args(
+        args, api_key=os.environ.get(ENV_API_KEY) or ("local" if not args.base_url else None)
     )
     check_client_settings(settings)
     return settings

@@ -38,7 +38,7 @@ from imagegen_provider.engine.resume import ResumeState
 from imagegen_provider.engine.row import MetadataRow
 from imagegen_provider.engine.schema import COST_SIMULATED, STATUS_SUCCEEDED
 from imagegen_provider.engine.storage import StorageLocation
-from imagegen_provider.transport.client import Generation, ImageGenClient, VerifiedImage
+from imagegen_provider.transport.client import Generation, GenerationFailed, ImageGenClient, VerifiedImage
 from imagegen_provider.wire.errors import ImageGenError, redact
 from imagegen_provider.wire.request import ImageRequest
 from imagegen_provider.wire.result import GenerationResult
@@ -97,15 +97,6 @@ def _provider_of(request: ImageRequest | None, result: GenerationResult | None, 
         if request.model and "/" in request.model:
             return request.model.split("/", 1)[0]
     return fallback
-
-
-def _failure_outcome(exc: Exception) -> ClientOutcome:
-    """A failure that is not an ``ImageGenError``: contract 3's ``GenerationFailed`` (it carries the error,
-    the attempts and every paid response), or anything else (one attempt, nothing known to be paid)."""
-    error, attempts, paid = (getattr(exc, name, None) for name in ("error", "attempts", "paid"))
-    if isinstance(error, BaseException) and isinstance(attempts, int) and isinstance(paid, tuple):
-        return ClientOutcome(None, paid, attempts, error)
-    return ClientOutcome(None, (), 1, exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -433,10 +424,10 @@ class BatchRunner:
     async def _call_gateway(self, request: ImageRequest) -> ClientOutcome:
         """Turn one ``generate`` call into a :class:`ClientOutcome`: the only stage that knows the client API.
 
-        Both client APIs are understood while the transport changes: the old one (an ``ImageGenError`` with
-        ``attempts`` and ``paid_result``) and contract 3 (``GenerationFailed(error, attempts, paid)``, and
-        ``Generation.discarded`` on success), recognised by its attributes. Once contract 3 is merged, the
-        first ``except`` becomes ``except GenerationFailed as failed`` and ``_failure_outcome`` goes.
+        ``GenerationFailed`` carries the final error, the attempts and every response paid for but unusable;
+        ``Generation.discarded`` the responses paid for and thrown away before the good one (a corrupt image
+        that was retried). Anything else raised here is a bug of ours or of a library: one attempt, nothing
+        known to be paid, and the row fails instead of the run.
         """
         assert self.client is not None
         task = asyncio.current_task()
@@ -444,23 +435,18 @@ class BatchRunner:
         self._calling.add(task)
         try:
             generation = await self.client.generate(request)
-        except ImageGenError as exc:
-            # getattr: contract 3 drops these attributes from the errors themselves.
-            paid_result = getattr(exc, "paid_result", None)
-            paid = (paid_result,) if paid_result is not None else ()
-            return ClientOutcome(None, paid, getattr(exc, "attempts", 1), exc)
+        except GenerationFailed as failed:
+            return ClientOutcome(None, failed.paid, failed.attempts, failed.error)
         except asyncio.CancelledError:
             if not self._cancelling:
                 raise
             # Cancelled by a stop request whose grace ran out: the gateway may still charge; the row says so.
             return ClientOutcome(None, (), 1, StopCancelled(self._stop_reason or "stop requested"))
         except Exception as exc:
-            return _failure_outcome(exc)
+            return ClientOutcome(None, (), 1, exc)
         finally:
             self._calling.discard(task)
-        # Contract 3: responses paid for and thrown away before the good one (a corrupt image retried).
-        discarded = tuple(getattr(generation, "discarded", ()))
-        return ClientOutcome(generation, (*discarded, generation.result), generation.attempts)
+        return ClientOutcome(generation, (*generation.discarded, generation.result), generation.attempts)
 
     def _settle(self, request: ImageRequest, outcome: ClientOutcome, reservation: Reservation) -> Cost:
         """What the outcome cost; the budget counts it (an unknown cost at its estimate)."""

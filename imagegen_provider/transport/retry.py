@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,6 +83,24 @@ class RetryPolicy:
     #: request, and an image should not be lost to a busy gateway after five polite refusals.
     rate_limited_attempts: int = 20
 
+    def should_retry(self, error: BaseException, attempts: int) -> bool:
+        """Whether to send again after ``attempts`` attempts ended in ``error``."""
+        if not is_retryable(error):
+            return False
+        limit = max(1, self.max_attempts)
+        if isinstance(error, RateLimitError):
+            limit += self.rate_limited_attempts
+        return attempts < limit
+
+    def delay(self, error: BaseException, attempts: int) -> float:
+        """Seconds to wait before attempt ``attempts + 1``: the gateway's Retry-After (capped), else full-jitter
+        exponential backoff (uniform in 0 .. initial * 2^(attempts-1), at most ``backoff_max``)."""
+        retry_after = getattr(error, "retry_after", None)
+        if isinstance(retry_after, int | float):
+            return min(self.max_retry_after, float(retry_after)) + 0.05 * (attempts % 5)
+        ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, attempts - 1))
+        return random.uniform(0.0, ceiling)
+
     def stop(self, state: RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
         limit = max(1, self.max_attempts)
@@ -92,10 +111,10 @@ class RetryPolicy:
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
+        if isinstance(retry_after, int | float):
             # The gateway said when; a little jitter keeps retries from landing together.
-            return min(self.max_retry_after, retry_after) + 0.05 * (state.attempt_number % 5)
-        return wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)(state)
+            return min(self.max_retry_after, float(retry_after)) + 0.05 * (state.attempt_number % 5)
+        return float(wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)(state))
 
     def retrying(self) -> AsyncRetrying:
         return AsyncRetrying(

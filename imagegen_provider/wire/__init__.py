@@ -31,7 +31,8 @@ from imagegen_provider.wire.validation import ModelFamily, check_model_rules, mo
 
 __all__ = [
     "DIALECTS", "AuthenticationError", "BadGatewayError", "BadRequestError", "ContentPolicyError", "Dialect",
-    "GatewayConnectionError", "GatewayError", "GeneratedImage", "GenerationResult", "ImageDownloadError", "ImageExpiredError",
+    "GatewayConnectionError", "GatewayError", "GeneratedImage", "GenerationResult", "ImageDownloadError",
+    "ImageExpiredError",
     "ImageGenError", "ImageInfo", "ImageRequest", "InsufficientBalanceError", "MalformedResponseError",
     "ModelFamily", "NotFoundError", "PermissionDeniedError", "RateLimitError", "RequestTimeoutError",
     "RequestValidationError", "ServerError", "Usage", "Violation", "WireBody", "check_model_rules",

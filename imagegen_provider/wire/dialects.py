@@ -34,6 +34,9 @@ class Dialect:
     #: ``provider`` may be an object (router passthrough) rather than a name.
     provider_object: bool = False
     path: str = "/images/generations"
+    #: The version prefix gateways of this dialect serve under (what ``base_url`` ends with), e.g. ``/api/v1``.
+    #: The one copy in the client package; the bundled gateway serves the same prefixes.
+    prefix: str = "/v1"
 
     def build_body(self, request: ImageRequest, *, accepts_seed: bool | None = None) -> WireBody:
         """Lay ``request`` out as this dialect's JSON body.
@@ -95,6 +98,7 @@ INDOXHUB = Dialect(
         }
     ),
     accepts_seed_by_default=True,
+    prefix="/api/v1",
 )
 
 ROUTER = Dialect(
@@ -107,6 +111,7 @@ ROUTER = Dialect(
     ),
     accepts_seed_by_default=True,
     provider_object=True,
+    prefix="/router/v1",
 )
 
 DIALECTS: dict[str, Dialect] = {d.name: d for d in (OPENAI, INDOXHUB, ROUTER)}

@@ -6,11 +6,14 @@ the response body. API keys never reach a message (see :func:`redact`).
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import quote, quote_plus
 
 _EXCERPT_CHARS = 300
 
@@ -22,11 +25,45 @@ _SECRET_PATTERNS = [
 ]
 
 
+def _base64_cores(data: bytes) -> set[str]:
+    """Substrings that any base64 text containing ``data`` holds, whatever its alignment: for each of the three
+    offsets, the characters that encode only bytes of ``data`` (standard and URL-safe alphabets). This catches the
+    key inside ``base64("Bearer <key>")`` or ``base64("user:<key>")`` as well as alone, padded or not."""
+    cores: set[str] = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + data).decode("ascii").rstrip("=")
+        # Characters touching the prefix or the (unknown) bytes after the key are not fixed: drop them.
+        start = -(-offset * 4 // 3)
+        stop = (offset + len(data)) * 4 // 3
+        core = encoded[start:stop]
+        if len(core) >= 6:
+            cores.update({core, core.replace("+", "-").replace("/", "_")})
+    return cores
+
+
+def _secret_forms(secret: str) -> set[str]:
+    """The spellings of ``secret`` that leak it: itself, reversed, URL-encoded (quote and quote_plus, either hex
+    case), and base64 (std and URL-safe, padded or not, alone or inside a longer encoded text)."""
+    forms = {secret, secret[::-1]}
+    for encoded in (quote(secret, safe=""), quote_plus(secret), quote(secret)):
+        forms.update({encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), encoded)})
+    forms.update(_base64_cores(secret.encode("utf-8")))
+    forms.update(_base64_cores(f"Bearer {secret}".encode()))
+    return forms
+
+
+@functools.lru_cache(maxsize=64)
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    # Longest first, so that a form containing another is removed whole.
+    forms = sorted(_secret_forms(secret), key=len, reverse=True)
+    return re.compile("|".join(re.escape(form) for form in forms))
+
+
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """Remove known secrets and anything that looks like an API key from ``text``."""
+    """Remove known secrets (in any of the encodings above) and anything that looks like an API key."""
     for secret in secrets:
         if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
+            text = _secret_pattern(secret).sub("***", text)
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub("***", text)
     return text
@@ -45,16 +82,18 @@ def excerpt(body: bytes | str | None, secrets: Iterable[str | None] = (), limit:
 
 
 class ImageGenError(Exception):
-    """Base class of every error raised by this package."""
+    """Base class of every error raised by this package.
 
-    #: A fatal error stops the whole batch (no point sending more requests); others fail one image.
-    fatal: bool = False
-    #: Whether the transport may retry the request that raised it.
-    retryable: bool = False
-    #: How many HTTP attempts were made before this error was final (set by the client).
-    attempts: int = 1
-    #: The response that was paid for, when the failure came after it (download, verification).
-    paid_result: Any = None
+    Callers classify errors by the three class flags, never by class names. An error is never changed after it
+    is raised: how many attempts were made, and what was paid for, travel in the client's ``GenerationFailed``.
+    """
+
+    #: Asking again may succeed (429, 5xx, timeouts, dropped connections, a corrupt 200).
+    retryable: ClassVar[bool] = False
+    #: Stop the whole run: no other request can succeed either (401/402/403, circuit open, storage).
+    fatal: ClassVar[bool] = False
+    #: The row's own fault (content policy, validation): the same row fails again, other rows are fine.
+    permanent: ClassVar[bool] = False
 
     @property
     def error_type(self) -> str:
@@ -74,6 +113,8 @@ class Violation:
 
 class RequestValidationError(ImageGenError, ValueError):
     """The request breaks a documented rule; raised before any money is spent."""
+
+    permanent = True
 
     def __init__(self, violations: list[Violation], *, context: str | None = None) -> None:
         self.violations = violations
@@ -114,6 +155,8 @@ class GatewayError(ImageGenError):
 
 class BadRequestError(GatewayError):
     """400: the gateway rejected the request (bad parameter, unsupported model)."""
+
+    permanent = True
 
 
 class ContentPolicyError(BadRequestError):
@@ -168,6 +211,24 @@ class GatewayConnectionError(ImageGenError):
     """The connection failed or dropped, or timed out, before a response arrived."""
 
     retryable = True
+
+
+class CircuitOpenError(ImageGenError):
+    """Nothing succeeded for ``breaker_seconds`` while every answer was a 429, a 5xx or a transport error: the
+    gateway is down or refusing everything, and waiting longer only holds the run up."""
+
+    fatal = True
+
+
+class ClientConfigurationError(ImageGenError):
+    """The client cannot send at all (a base URL with a bad port or scheme): every request would fail alike."""
+
+    fatal = True
+
+
+class UnexpectedError(ImageGenError):
+    """An exception nobody anticipated while generating, turned into an error of this package so that one
+    image fails (with its attempts and payments on record) instead of the whole run."""
 
 
 class MalformedResponseError(ImageGenError):

@@ -41,9 +41,6 @@ def pixel_size(size: str | None, aspect_ratio: str | None = None, resolution: st
     tier = parse_tier(size) or parse_tier(resolution) or 1
     long_edge = 1024 * tier
     ratio = parse_ratio(aspect_ratio) or Fraction(1, 1)
-    if ratio >= 1:
-        width, height = long_edge, long_edge / ratio
-    else:
-        width, height = long_edge * ratio, long_edge
+    width, height = (Fraction(long_edge), long_edge / ratio) if ratio >= 1 else (long_edge * ratio, Fraction(long_edge))
     # Round to multiples of 16 like the providers do.
-    return max(16, int(round(width / 16)) * 16), max(16, int(round(height / 16)) * 16)
+    return max(16, round(width / 16) * 16), max(16, round(height / 16) * 16)

@@ -7,7 +7,7 @@ checks of :class:`~imagegen_provider.wire.request.ImageRequest`.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from imagegen_provider.wire.request import ImageRequest
 
 
-class ModelFamily(str, Enum):
+class ModelFamily(StrEnum):
     DALL_E_2 = "dall-e-2"
     DALL_E_3 = "dall-e-3"
     GPT_IMAGE = "gpt-image"
@@ -99,27 +99,21 @@ def _check_size_conflicts(req: ImageRequest) -> list[Violation]:
     tier = parse_tier(req.size)
     if req.resolution is not None and (dims is not None or parse_tier(req.resolution) != tier):
         violations.append(Violation("size", f"conflicts with resolution={req.resolution!r}; pass one or the other"))
-    if req.aspect_ratio is not None and dims is not None:
-        if parse_ratio(req.aspect_ratio) != Fraction(dims[0], dims[1]):
-            violations.append(
-                Violation("size", f"conflicts with aspect_ratio={req.aspect_ratio!r}; pass one or the other")
-            )
+    if req.aspect_ratio is not None and dims is not None and parse_ratio(req.aspect_ratio) != Fraction(*dims):
+        violations.append(
+            Violation("size", f"conflicts with aspect_ratio={req.aspect_ratio!r}; pass one or the other")
+        )
     return violations
 
 
-def check_model_rules(req: ImageRequest) -> list[Violation]:
-    """Return every rule ``req`` breaks for its model family (empty when valid)."""
-    family = model_family(req.model)
-    name = bare_model_name(req.model) or "the model"
+def _check_family(req: ImageRequest, family: ModelFamily, name: str) -> list[Violation]:
+    """Prompt length, n, size and quality: what each documented family accepts."""
     violations: list[Violation] = []
-
     max_chars = MAX_PROMPT_CHARS.get(family)
     if max_chars is not None and len(req.prompt) > max_chars:
         violations.append(Violation("prompt", f"{len(req.prompt)} characters; {name} accepts at most {max_chars}"))
-
     if family is ModelFamily.DALL_E_3 and req.n != 1:
         violations.append(Violation("n", "dall-e-3 supports only n=1"))
-
     if req.size is not None:
         if family is ModelFamily.GPT_IMAGE_2:
             problem = _check_gpt_image_2_size(req.size)
@@ -128,26 +122,34 @@ def check_model_rules(req: ImageRequest) -> list[Violation]:
         elif family in ALLOWED_SIZES and req.size not in ALLOWED_SIZES[family]:
             allowed = ", ".join(ALLOWED_SIZES[family])
             violations.append(Violation("size", f"{req.size!r} is not supported by {name}; use one of {allowed}"))
-
     if req.quality is not None and family in ALLOWED_QUALITY and req.quality not in ALLOWED_QUALITY[family]:
         allowed = ", ".join(ALLOWED_QUALITY[family])
         violations.append(Violation("quality", f"{req.quality!r} is not supported by {name}; use one of {allowed}"))
+    return violations
 
+
+def _check_parameters(req: ImageRequest, family: ModelFamily, name: str) -> list[Violation]:
+    """Which parameters the family takes at all."""
+    violations: list[Violation] = []
     if req.style is not None and family in (ModelFamily.DALL_E_2, *GPT_FAMILIES):
         violations.append(Violation("style", "only dall-e-3 accepts style"))
-
     if family in GPT_FAMILIES and req.response_format is not None:
         # OpenAI answers 400 "Unknown parameter" for any value: these models always return b64_json.
         violations.append(
             Violation("response_format", f"{name} does not take response_format (it always returns b64_json)")
         )
-
     if family in (ModelFamily.DALL_E_2, ModelFamily.DALL_E_3):
-        for field in _GPT_ONLY:
-            if getattr(req, field) is not None:
-                violations.append(Violation(field, f"only the GPT image models accept {field}, not {name}"))
+        violations.extend(
+            Violation(field, f"only the GPT image models accept {field}, not {name}")
+            for field in _GPT_ONLY
+            if getattr(req, field) is not None
+        )
+    return violations
 
-    # Generic rules, whatever the model.
+
+def _check_generic(req: ImageRequest) -> list[Violation]:
+    """Rules whatever the model."""
+    violations: list[Violation] = []
     if req.output_compression is not None and req.output_format not in ("jpeg", "webp"):
         violations.append(Violation("output_compression", "only allowed with output_format 'jpeg' or 'webp'"))
     if req.background == "transparent" and req.output_format not in (None, "png", "webp"):
@@ -156,3 +158,10 @@ def check_model_rules(req: ImageRequest) -> list[Violation]:
         violations.append(Violation("partial_images", "only allowed with stream=true"))
     violations.extend(_check_size_conflicts(req))
     return violations
+
+
+def check_model_rules(req: ImageRequest) -> list[Violation]:
+    """Return every rule ``req`` breaks for its model family (empty when valid)."""
+    family = model_family(req.model)
+    name = bare_model_name(req.model) or "the model"
+    return [*_check_family(req, family, name), *_check_parameters(req, family, name), *_check_generic(req)]

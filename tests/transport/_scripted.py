@@ -12,10 +12,10 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import uvicorn
 from PIL import Image
@@ -36,6 +36,10 @@ class Reply:
     media_type: str | None = None
     #: Sent as a chunked stream without Content-Length.
     chunks: list[bytes] | None = None
+    #: Seconds between two chunks (a dripping body).
+    chunk_delay: float = 0.0
+    #: A generator of chunks, made when the reply is sent: bodies too large (or endless) to hold in the test.
+    stream: Callable[[], AsyncIterator[bytes]] | None = None
     #: Seconds to wait before answering.
     delay: float = 0.0
 
@@ -53,7 +57,7 @@ class Seen:
         return json.loads(self.body)
 
 
-ReplySource = Union[Reply, Callable[["Scripted", Seen], Reply]]
+ReplySource = Reply | Callable[["Scripted", Seen], Reply]
 
 
 class Scripted:
@@ -107,11 +111,20 @@ class Scripted:
 
             await anyio.sleep(reply.delay)
         response: Response
-        if reply.chunks is not None:
-            chunks = list(reply.chunks)
+        if reply.stream is not None:
+            response = StreamingResponse(
+                reply.stream(), status_code=reply.status, headers=reply.headers,
+                media_type=reply.media_type or "application/octet-stream",
+            )
+        elif reply.chunks is not None:
+            chunks, pause = list(reply.chunks), reply.chunk_delay
 
             async def stream() -> Any:
-                for chunk in chunks:
+                import anyio
+
+                for index, chunk in enumerate(chunks):
+                    if index and pause:
+                        await anyio.sleep(pause)
                     yield chunk
 
             response = StreamingResponse(

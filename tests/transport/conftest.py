@@ -2,13 +2,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from imagegen_gateway import GatewayConfig, GatewayHandle, run_gateway_in_thread
-from imagegen_provider.transport import ImageGenClient, RetryPolicy
+from imagegen_provider.transport import GenerationFailed, ImageGenClient, RetryPolicy
+from imagegen_provider.wire.dialects import DIALECTS
+from imagegen_provider.wire.errors import ImageGenError
 from imagegen_provider.wire.request import ImageRequest
+from imagegen_provider.wire.result import GenerationResult
 
 from ._scripted import Scripted, serve
 
@@ -16,7 +21,26 @@ from ._scripted import Scripted, serve
 KEY = "TOPSECRET-gw-key-7f3a9c"
 #: Fast retries for tests that count attempts, not waits.
 FAST_RETRY = RetryPolicy(max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
-DIALECT_PREFIX = {"openai": "/v1", "indoxhub": "/api/v1", "router": "/router/v1"}
+DIALECT_PREFIX = {name: dialect.prefix for name, dialect in DIALECTS.items()}
+
+
+@dataclass
+class Failure:
+    """What ``generate`` raised: the error, the attempts, the paid responses (filled in when the block ends)."""
+
+    value: Any = None
+    attempts: int = 0
+    paid: tuple[GenerationResult, ...] = ()
+
+
+@contextmanager
+def generation_fails(error_type: type[ImageGenError] = ImageGenError) -> Iterator[Failure]:
+    """``pytest.raises`` for ``generate``: a :class:`GenerationFailed` whose error is an ``error_type``."""
+    failure = Failure()
+    with pytest.raises(GenerationFailed) as caught:
+        yield failure
+    assert isinstance(caught.value.error, error_type), repr(caught.value.error)
+    failure.value, failure.attempts, failure.paid = caught.value.error, caught.value.attempts, caught.value.paid
 
 
 def small_request(**overrides: Any) -> ImageRequest:

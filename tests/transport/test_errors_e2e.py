@@ -29,7 +29,7 @@ from imagegen_provider.wire.errors import (
 )
 
 from ._scripted import Reply, ok_image
-from .conftest import FAST_RETRY, KEY, small_request, wait_for_stats
+from .conftest import FAST_RETRY, KEY, generation_fails, small_request, wait_for_stats
 
 GEN = "/v1/images/generations"
 
@@ -52,10 +52,10 @@ async def test_content_policy_is_its_own_error_and_not_retried(keyed_gateway, cl
     client = client_for(gw, dialect)
     request = small_request(prompt="a poster with forbidden-content on it", model="gpt-image-1", size="1024x1024",
                             response_format=None)
-    with pytest.raises(ContentPolicyError) as caught:
+    with generation_fails(ContentPolicyError) as caught:
         await client.generate(request)
     error = caught.value
-    assert error.status == 400 and error.attempts == 1 and not error.fatal and not error.retryable
+    assert error.status == 400 and caught.attempts == 1 and not error.fatal and not error.retryable
     stats = gw.stats()
     assert stats["generation_requests"] == 1
     assert stats["content_policy_rejections"] == 1
@@ -66,19 +66,19 @@ async def test_other_400_is_bad_request_not_content_policy(keyed_gateway, client
     gw = keyed_gateway
     # A model the client has no rules for, at a size the gateway cannot draw: only the server can refuse it.
     request = small_request(model="some-vendor/huge-model", size="9000x9000")
-    with pytest.raises(BadRequestError) as caught:
+    with generation_fails(BadRequestError) as caught:
         await client_for(gw, "openai").generate(request)
     assert type(caught.value) is BadRequestError
-    assert caught.value.attempts == 1 and "9000x9000" in str(caught.value)
+    assert caught.attempts == 1 and "9000x9000" in str(caught.value)
     assert gw.stats()["generation_requests"] == 1
 
 
 async def test_wrong_key_is_fatal_401_sent_once(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key="right"))
-    with pytest.raises(AuthenticationError) as caught:
+    with generation_fails(AuthenticationError) as caught:
         await client_for(gw, "openai", api_key="wrong-key-0042").generate(small_request())
     error = caught.value
-    assert error.status == 401 and error.fatal and error.attempts == 1
+    assert error.status == 401 and error.fatal and caught.attempts == 1
     assert "wrong-key-0042" not in str(error)
     assert gw.stats()["generation_requests"] == 1
     # The right key works against the same gateway.
@@ -88,16 +88,16 @@ async def test_wrong_key_is_fatal_401_sent_once(gateway_factory, client_for):
 
 async def test_missing_key_is_401(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig())
-    with pytest.raises(AuthenticationError):
+    with generation_fails(AuthenticationError):
         await client_for(gw, "openai", api_key=None).generate(small_request())
     assert gw.stats()["generation_requests"] == 1
 
 
 async def test_empty_balance_is_fatal_402(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key=KEY, balance_usd=0.001))
-    with pytest.raises(InsufficientBalanceError) as caught:
+    with generation_fails(InsufficientBalanceError) as caught:
         await client_for(gw, "indoxhub").generate(small_request())
-    assert caught.value.status == 402 and caught.value.fatal and caught.value.attempts == 1
+    assert caught.value.status == 402 and caught.value.fatal and caught.attempts == 1
     stats = gw.stats()
     assert stats["generation_requests"] == 1 and stats["charged_images"] == 0
 
@@ -119,13 +119,13 @@ async def test_status_codes_map_to_errors_and_retries(scripted, client_for, stat
     scripted.on(GEN, Reply(status, json={"error": {"message": f"status {status} from the script", "code": None}}))
     client = client_for(scripted.base_url + "/v1", retry=RetryPolicy(max_attempts=3, backoff_initial=0.01,
                                                                         backoff_max=0.02))
-    with pytest.raises(error_type) as caught:
+    with generation_fails(error_type) as caught:
         await client.generate(small_request())
     error = caught.value
     assert type(error) is error_type
     assert error.status == status and error.fatal is fatal
     expected_attempts = 3 if retried else 1
-    assert error.attempts == expected_attempts
+    assert caught.attempts == expected_attempts
     assert len(scripted.requests_to(GEN)) == expected_attempts
     assert f"status {status} from the script" in str(error)
 
@@ -142,10 +142,10 @@ async def test_retryable_status_then_success(scripted, client_for):
 
 async def test_500_retried_up_to_max_attempts(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key=KEY, fail_500_rate=1.0))
-    with pytest.raises(ServerError) as caught:
+    with generation_fails(ServerError) as caught:
         await client_for(gw, "openai", retry=RetryPolicy(max_attempts=4, backoff_initial=0.01,
                                                           backoff_max=0.02)).generate(small_request())
-    assert caught.value.status == 500 and caught.value.attempts == 4
+    assert caught.value.status == 500 and caught.attempts == 4
     stats = gw.stats()
     assert stats["generation_requests"] == 4 and stats["faults"] == {"500": 4}
     assert stats["charged_images"] == 0
@@ -154,10 +154,10 @@ async def test_500_retried_up_to_max_attempts(gateway_factory, client_for):
 async def test_503_honours_its_retry_after_then_gives_up(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key=KEY, fail_503_rate=1.0))
     started = time.monotonic()
-    with pytest.raises(ServerError) as caught:
+    with generation_fails(ServerError) as caught:
         await client_for(gw, "openai", retry=RetryPolicy(max_attempts=2)).generate(small_request())
     elapsed = time.monotonic() - started
-    assert caught.value.status == 503 and caught.value.attempts == 2
+    assert caught.value.status == 503 and caught.attempts == 2
     assert caught.value.retry_after == 1.0
     assert elapsed >= 0.95  # the gateway's Retry-After: 1 was waited out between the two attempts
     assert gw.stats()["generation_requests"] == 2
@@ -175,11 +175,11 @@ async def test_intermittent_503_succeeds_after_retries(gateway_factory, client_f
 
 async def test_502_html_is_bad_gateway_with_short_message(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key=KEY, fail_502_rate=1.0))
-    with pytest.raises(BadGatewayError) as caught:
+    with generation_fails(BadGatewayError) as caught:
         await client_for(gw, "router", retry=RetryPolicy(max_attempts=2, backoff_initial=0.01,
                                                           backoff_max=0.02)).generate(small_request())
     error = caught.value
-    assert error.status == 502 and error.attempts == 2 and error.retryable
+    assert error.status == 502 and caught.attempts == 2 and error.retryable
     assert "non-JSON" in str(error) and "HTML" in str(error)
     assert gw.stats()["generation_requests"] == 2
 
@@ -188,7 +188,7 @@ async def test_long_html_error_page_is_only_excerpted(scripted, client_for):
     page = "<html><head><title>502 Bad Gateway</title></head><body>" + "<p>upstream trace line</p>" * 2000 + \
         "<footer>END-OF-PAGE-MARKER</footer></body></html>"
     scripted.on(GEN, Reply(502, body=page, media_type="text/html"))
-    with pytest.raises(BadGatewayError) as caught:
+    with generation_fails(BadGatewayError) as caught:
         await client_for(scripted.base_url + "/v1", retry=RetryPolicy(max_attempts=1)).generate(small_request())
     message = str(caught.value)
     assert "non-JSON" in message and "HTML" in message
@@ -199,9 +199,9 @@ async def test_long_html_error_page_is_only_excerpted(scripted, client_for):
 
 async def test_dropped_connections_every_time(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key=KEY, drop_rate=1.0))
-    with pytest.raises(GatewayConnectionError) as caught:
+    with generation_fails(GatewayConnectionError) as caught:
         await client_for(gw, "openai").generate(small_request())
-    assert caught.value.attempts == FAST_RETRY.max_attempts and caught.value.retryable
+    assert caught.attempts == FAST_RETRY.max_attempts and caught.value.retryable
     stats = wait_for_stats(gw, lambda s: s["dropped_connections"] == FAST_RETRY.max_attempts)
     assert stats["dropped_connections"] == FAST_RETRY.max_attempts
     # Each dropped response was generated and charged: the retries paid again.
@@ -221,10 +221,10 @@ async def test_some_dropped_connections_are_retried_to_success(gateway_factory, 
 
 async def test_corrupt_base64_every_time(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key=KEY, corrupt_b64_rate=1.0))
-    with pytest.raises(MalformedResponseError) as caught:
+    with generation_fails(MalformedResponseError) as caught:
         await client_for(gw, "openai").generate(small_request())
     assert "base64" in str(caught.value)
-    assert caught.value.attempts == FAST_RETRY.max_attempts
+    assert caught.attempts == FAST_RETRY.max_attempts
     assert gw.stats()["generation_requests"] == FAST_RETRY.max_attempts
 
 
@@ -248,7 +248,7 @@ async def test_200_that_is_not_an_image(scripted, client_for):
 
 async def test_indoxhub_success_false_envelope_is_an_error(gateway_factory, client_for):
     gw = gateway_factory(GatewayConfig(api_key=KEY, envelope_failure_rate=1.0))
-    with pytest.raises(GatewayError) as caught:
+    with generation_fails(GatewayError) as caught:
         await client_for(gw, "indoxhub").generate(small_request())
     assert caught.value.status == 200
     assert "no image" in str(caught.value)
@@ -259,7 +259,7 @@ async def test_connection_refused_is_connection_error(client_for):
 
     client = client_for(f"http://127.0.0.1:{free_port()}/v1",
                         retry=RetryPolicy(max_attempts=2, backoff_initial=0.01, backoff_max=0.02))
-    with pytest.raises(GatewayConnectionError) as caught:
+    with generation_fails(GatewayConnectionError) as caught:
         await client.generate(small_request())
-    assert caught.value.attempts == 2
+    assert caught.attempts == 2
     assert "could not connect" in str(caught.value)

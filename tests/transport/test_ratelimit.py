@@ -7,6 +7,7 @@ Timing assertions are coarse on purpose (lower bounds with slack, counts with ge
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Mapping
@@ -155,8 +156,8 @@ async def test_paced_requests_leave_evenly_not_in_window_bursts():
 
     await asyncio.gather(*(take() for _ in range(50)))
     stamps.sort()
-    steady = [t for t in stamps[10:]]
-    gaps = [b - a for a, b in zip(steady, steady[1:])]
+    steady = list(stamps[10:])
+    gaps = [b - a for a, b in itertools.pairwise(steady)]
     assert sum(gaps) / len(gaps) == pytest.approx(0.05, abs=0.01)
     assert max(sum(1 for t in steady if first <= t < first + 0.1) for first in steady) <= 3
 
@@ -330,7 +331,8 @@ async def test_redis_limiters_share_one_budget_and_one_pause(redis_url):
 
         # A pause set through one limiter holds back the other.
         pauser, other = (
-            RateLimiter(RateLimits(backend=redis_url, namespace=namespace + "-pause", probe_first=False)) for _ in range(2)
+            RateLimiter(RateLimits(backend=redis_url, namespace=namespace + "-pause", probe_first=False))
+            for _ in range(2)
         )
         try:
             assert await other.acquire() < 0.2

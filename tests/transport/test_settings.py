@@ -89,7 +89,7 @@ def test_extras_are_read_and_typed():
     assert settings.max_attempts == 7 and isinstance(settings.max_attempts, int)
     assert settings.retry.max_attempts == 7
     assert settings.accepts_seed is True
-    assert settings.max_image_bytes == 1048576
+    assert settings.max_response_bytes == 1048576  # the old extra name is an alias
     assert settings.prices == {"dall-e-3": 0.04}
     assert settings.local_gateway == {"rpm": 600}
     assert settings.local_path() == "/api/v1"
@@ -212,3 +212,104 @@ def test_local_gateway_options_are_allow_listed():
     assert local_gateway_config({"rpm": 60, "latency": [0.1, 0.2]}).latency == (0.1, 0.2)
     with pytest.raises(ValueError, match="unknown local_gateway option"):
         local_gateway_config({"rpm": 60, "evil": 1})
+
+
+# --- declared once: extras, CLI options, dataclass ---------------------------------------------------------
+
+
+def _cli_parser():
+    import argparse
+
+    from imagegen_provider.transport.settings import add_client_arguments
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_client_arguments(parser.add_argument_group("gateway"))
+    return parser
+
+
+def test_every_extra_has_a_cli_option_and_every_option_an_extra():
+    from imagegen_provider.transport.settings import declared_options
+
+    declared = list(declared_options())
+    extras = {opt.extra for _, opt in declared if opt.extra}
+    flags = {opt.flag for _, opt in declared if opt.flag}
+    parser_flags = {s for action in _cli_parser()._actions for s in action.option_strings} - {"-h", "--help"}
+    assert parser_flags == flags
+    for name, opt in declared:
+        # The key is the connection's password, never an extra; everything else is both.
+        assert opt.flag, name
+        assert opt.extra or opt.secret, name
+    # The ones the hook's docs and the issue name are all there.
+    assert {"rpm", "images_per_minute", "max_in_flight", "rate_limit_backend", "timeout", "connect_timeout",
+            "max_attempts", "attempt_timeout", "breaker_seconds", "max_retry_after", "max_response_bytes",
+            "allow_private_image_urls", "accepts_seed", "dialect", "base_url", "model", "provider", "prices",
+            "local_gateway"} <= extras
+
+
+def test_connection_extras_and_cli_options_mean_the_same_settings():
+    from imagegen_provider.transport.settings import declared_options
+
+    extra = {
+        "base_url": "https://gw.example/api/v1", "dialect": "indoxhub", "model": "m", "provider": "p", "rpm": 90,
+        "images_per_minute": 30, "max_in_flight": 4, "rate_limit_backend": "redis://127.0.0.1:6379/0",
+        "timeout": 120, "connect_timeout": 3, "attempt_timeout": 200, "max_attempts": 7, "max_retry_after": 60,
+        "breaker_seconds": 90, "accepts_seed": True, "max_response_bytes": 1000, "allow_private_image_urls": True,
+        "prices": {"m": 0.1}, "local_gateway": {"rpm": 5},
+    }
+    from_connection = ClientSettings.from_connection(host="ignored", password=KEY, extra=extra, namespace="cli")
+    argv = []
+    for _, opt in declared_options():
+        if opt.extra is None:
+            continue
+        value = extra[opt.extra]
+        if opt.is_switch:
+            argv.append(opt.flag)
+        else:
+            argv += [opt.flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    from_cli = ClientSettings.from_cli_args(_cli_parser().parse_args(argv), api_key=KEY)
+    assert from_cli == from_connection
+    assert from_cli.limits.requests_per_minute == 90 and from_cli.max_response_bytes == 1000
+    assert from_cli.retry.max_retry_after == 60 and from_cli.timeouts.attempt == 200
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    settings = ClientSettings.from_cli_args(_cli_parser().parse_args([]), api_key=None, namespace="default")
+    assert settings == ClientSettings()
+    assert (settings.max_response_bytes, settings.attempt_timeout, settings.breaker_seconds,
+            settings.max_retry_after, settings.allow_private_image_urls) == (64 * 1024 * 1024, 360.0, 600.0, 300.0,
+                                                                           False)
+
+
+def test_bad_cli_value_is_an_argparse_error_naming_the_option(capsys):
+    with pytest.raises(SystemExit):
+        _cli_parser().parse_args(["--rpm", "fast"])
+    assert "--rpm" in capsys.readouterr().err
+
+
+def test_old_max_image_bytes_extra_is_an_alias_and_the_new_name_wins():
+    old = ClientSettings.from_connection(host="local", extra={"max_image_bytes": 5000})
+    both = ClientSettings.from_connection(host="local", extra={"max_image_bytes": 5000, "max_response_bytes": 7000})
+    assert (old.max_response_bytes, both.max_response_bytes) == (5000, 7000)
+
+
+async def test_build_client_carries_the_new_settings():
+    settings = ClientSettings.from_connection(
+        host="https://gw.example/v1", password=KEY,
+        extra={"attempt_timeout": 12, "breaker_seconds": 34, "max_retry_after": 56, "max_response_bytes": 789,
+               "allow_private_image_urls": "yes"},
+    )
+    client = build_client(settings)
+    try:
+        assert client.timeouts.attempt == 12 and client.breaker.seconds == 34
+        assert client.retry.max_retry_after == 56 and client.limiter.max_wait == 56
+        assert client.max_response_bytes == 789
+        assert client._downloader.policy.allow_private is True
+    finally:
+        await client.aclose()
+
+
+def test_local_path_comes_from_the_dialect():
+    from imagegen_provider.wire.dialects import DIALECTS
+
+    for name, dialect in DIALECTS.items():
+        assert ClientSettings(base_url=None, dialect=name).local_path() == dialect.prefix

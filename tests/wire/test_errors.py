@@ -28,7 +28,7 @@ from imagegen_provider.wire import (
     error_from_response,
     redact,
 )
-from imagegen_provider.wire.errors import excerpt
+from imagegen_provider.wire.errors import CircuitOpenError, ClientConfigurationError, UnexpectedError, excerpt
 
 NGINX_502 = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>"
@@ -304,3 +304,107 @@ def test_transport_and_download_errors():
 def test_gateway_error_without_status():
     error = GatewayError("stream broke", status=None)
     assert str(error) == "gateway error | stream broke"
+
+
+# --- class flags (how callers classify errors) ---------------------------------------------------------------
+
+
+def _all_error_classes() -> list[type[ImageGenError]]:
+    import imagegen_provider.transport.body  # noqa: F401  (ResponseTooLargeError)
+
+    found, pending = [], [ImageGenError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_error_class_carries_the_three_flags():
+    classes = _all_error_classes()
+    assert len(classes) >= 20
+    for cls in classes:
+        for flag in ("retryable", "fatal", "permanent"):
+            assert isinstance(getattr(cls, flag), bool), (cls, flag)
+        # A row's own fault is never worth retrying, and never stops the run.
+        assert not (cls.permanent and (cls.retryable or cls.fatal)), cls
+        assert not (cls.fatal and cls.retryable), cls
+
+
+@pytest.mark.parametrize(
+    ("cls", "retryable", "fatal", "permanent"),
+    [
+        (ContentPolicyError, False, False, True),
+        (RequestValidationError, False, False, True),
+        (BadRequestError, False, False, True),
+        (AuthenticationError, False, True, False),
+        (InsufficientBalanceError, False, True, False),
+        (PermissionDeniedError, False, True, False),
+        (CircuitOpenError, False, True, False),
+        (ClientConfigurationError, False, True, False),
+        (RateLimitError, True, False, False),
+        (ServerError, True, False, False),
+        (GatewayConnectionError, True, False, False),
+        (MalformedResponseError, True, False, False),
+        (ImageDownloadError, False, False, False),
+        (NotFoundError, False, False, False),
+        (UnexpectedError, False, False, False),
+    ],
+)
+def test_flags_per_class(cls, retryable, fatal, permanent):
+    assert (cls.retryable, cls.fatal, cls.permanent) == (retryable, fatal, permanent)
+
+
+# --- a key in any encoding -------------------------------------------------------------------------------------
+
+
+def _encoded_forms(secret: str) -> dict[str, str]:
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    raw = secret.encode()
+    forms = {
+        "quote": quote(secret, safe=""),
+        "quote-lower-hex": quote(secret, safe="").replace("%2D", "%2d").replace("%2B", "%2b"),
+        "quote_plus": quote_plus(secret),
+        "reversed": secret[::-1],
+    }
+    for prefix in (b"", b"Bearer ", b"user:", b"x", b"xy"):
+        for name, encode in (("std", base64.b64encode), ("urlsafe", base64.urlsafe_b64encode)):
+            text = encode(prefix + raw).decode()
+            forms[f"b64-{name}-{prefix.decode() or 'alone'}"] = text
+            forms[f"b64-{name}-{prefix.decode() or 'alone'}-unpadded"] = text.rstrip("=")
+    return forms
+
+
+SECRETS = ["sk-proj-Abc+def/123_456-XYZ", "TOPSECRET-gw-key-7f3a9c", "byok key with spaces & symbols!"]
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_encoded_secrets_are_redacted(secret):
+    import base64
+
+    for name, form in _encoded_forms(secret).items():
+        out = redact(f"upstream said: {form} (end)", [secret])
+        assert form not in out, name
+        assert "upstream said:" in out and "(end)" in out, name
+        # What is left of an encoded form cannot be decoded back into the key (or a long piece of it).
+        for word in out.split():
+            for decode in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    decoded = decode(word + "=" * (-len(word) % 4)).decode("latin-1")
+                except ValueError:
+                    continue
+                assert secret[:8] not in decoded and secret[-8:] not in decoded, (name, word)
+
+
+def test_encoded_byok_key_is_redacted_from_gateway_errors():
+    import base64
+
+    byok = "provider-byok-9f8e7d6c"
+    body = json.dumps({"error": {"message": "bad key " + base64.b64encode(byok.encode()).decode()
+                                 + " / " + byok[::-1]}}).encode()
+    error = error_from_response(401, body, secrets=["gateway-key-xyz", byok])
+    for text in (str(error), error.body_excerpt):
+        assert base64.b64encode(byok.encode()).decode()[:20] not in text
+        assert byok[::-1] not in text

@@ -43,12 +43,12 @@ def test_sha256_tells_images_apart():
     assert inspect_image(red).sha256 == inspect_image(bytes(red)).sha256
 
 
-def test_only_the_header_is_needed():
-    # A body cut after the header still identifies (no full decode); the download verifier relies on sizes only.
+def test_a_valid_header_is_not_enough():
+    # A body cut after the header (here: its last chunk) used to pass; the image is now decoded to the end.
     data = image_bytes("PNG", (64, 48))
-    info = inspect_image(data[:-12])
-    assert (info.format, info.width, info.height) == ("png", 64, 48)
-    assert info.num_bytes == len(data) - 12
+    assert inspect_image(data).num_bytes == len(data)
+    with pytest.raises(MalformedResponseError, match="truncated"):
+        inspect_image(data[:-12])
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -89,3 +89,78 @@ def test_empty_bytes():
         inspect_image(b"")
     assert caught.value.reason == "empty image"
     assert caught.value.retryable is True
+
+
+# --- full verification ----------------------------------------------------------------------------------
+
+
+def _noisy(fmt: str, side: int = 64) -> bytes:
+    import io
+    import os
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_truncated_images_are_never_accepted(fmt):
+    data = _noisy(fmt)
+    assert inspect_image(data).format == fmt.lower()
+    cuts = sorted({len(data) // 4, len(data) // 2, len(data) * 9 // 10, len(data) - 12, len(data) - 2,
+                   len(data) - 1})
+    for cut in cuts:
+        with pytest.raises(MalformedResponseError):
+            inspect_image(data[:cut])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_corrupt_pixel_data_is_not_accepted(fmt):
+    data = bytearray(_noisy(fmt))
+    middle = len(data) // 2
+    data[middle:middle + 64] = b"\x00" * 64
+    try:
+        info = inspect_image(bytes(data))
+    except MalformedResponseError:
+        return
+    # JPEG and WebP have no checksum over pixels: a zeroed run may still decode. It must then decode fully.
+    assert fmt != "PNG", info
+
+
+@pytest.mark.parametrize(
+    ("fmt", "asked", "ok"),
+    [("PNG", "png", True), ("JPEG", "jpeg", True), ("WEBP", "webp", True), ("PNG", "jpeg", False),
+     ("JPEG", "webp", False), ("WEBP", "png", False), ("GIF", "png", False), ("PNG", None, True)],
+)
+def test_format_must_match_what_was_asked(fmt, asked, ok):
+    data = image_bytes(fmt, (3, 3))
+    if ok:
+        assert inspect_image(data, expected_format=asked).format == fmt.lower()
+    else:
+        with pytest.raises(MalformedResponseError, match="asked for"):
+            inspect_image(data, expected_format=asked)
+
+
+def test_pixel_ceiling_is_checked_before_decoding():
+    data = image_bytes("PNG", (100, 100))
+    assert inspect_image(data, max_pixels=10_000).width == 100
+    with pytest.raises(MalformedResponseError, match="ceiling"):
+        inspect_image(data, max_pixels=9_999)
+    # A header announcing 9000x9000 (81 MP, under Pillow's own bomb limit) is refused without decoding.
+    with pytest.raises(MalformedResponseError, match="ceiling"):
+        idat = zlib.compress(b"\x00" * 100)
+        inspect_image(png_header(9000, 9000) + struct.pack(">I", len(idat)) + b"IDAT" + idat
+                      + struct.pack(">I", zlib.crc32(b"IDAT" + idat)))
+
+
+def test_transport_and_wire_do_not_import_pillow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, imagegen_provider.wire, imagegen_provider.transport, imagegen_provider.transport.settings;"
+        "assert 'PIL' not in sys.modules, sorted(m for m in sys.modules if m.startswith('PIL'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,7 +20,7 @@ from imagegen_provider.wire import (
     normalize_usage,
 )
 
-from ._support import SEED_FIXTURES, b64, case_ids, fixture_cases, load_fixture
+from ._support import SEED_FIXTURES, b64, case_ids, fixture_cases, image_bytes, load_fixture
 
 SEED_RESPONSES = fixture_cases("responses")
 SEED_ERRORS = fixture_cases("error_responses")
@@ -33,7 +33,7 @@ def check_result(result: GenerationResult, expected: dict[str, Any]) -> None:
                 "quality", "background"):
         assert getattr(result, key) == expected[key], key
     assert len(result.images) == len(expected["images"])
-    for image, want in zip(result.images, expected["images"]):
+    for image, want in zip(result.images, expected["images"], strict=False):
         assert image.url == want["url"]
         assert image.revised_prompt == want["revised_prompt"]
         if want["inline"] is None:
@@ -411,7 +411,7 @@ def test_stream_error_event_is_a_gateway_error(event, partial_pngs):
     ids=["empty", "done-only", "partial-only"],
 )
 def test_stream_without_completed_event(events):
-    with pytest.raises(MalformedResponseError, match="without an image_generation.completed event"):
+    with pytest.raises(MalformedResponseError, match=r"without an image_generation\.completed event"):
         normalize_stream(events)
 
 
@@ -452,3 +452,89 @@ def test_stream_error_message_is_redacted_and_short():
     assert "sk-proj-abcdef123456" not in str(caught.value)
     assert "upstream rejected key ***" in str(caught.value)
     assert len(str(caught.value)) < 500
+
+
+# --- untrusted numbers ------------------------------------------------------------------------------------
+
+
+def _body(usage, n: int = 1) -> dict:
+    return {"created": 1, "data": [{"b64_json": b64(image_bytes("PNG"))}] * n, "usage": usage}
+
+
+@pytest.mark.parametrize(
+    "cost",
+    [float("nan"), "NaN", "nan", float("inf"), "inf", "-Infinity", -0.01, "-3", 1000.01, "1e9", "lots", [1],
+     {"usd": 1}],
+)
+def test_unbelievable_reported_cost_is_unknown_with_a_warning(caplog, cost):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    result = normalize_response(json.dumps(_body({"cost": cost}), allow_nan=True))
+    assert result.reported_cost_usd is None
+    assert "usage.cost" in caplog.text
+
+
+@pytest.mark.parametrize(("cost", "n", "expected"), [(0.04, 1, 0.04), ("0.08", 2, 0.08), (0, 1, 0.0),
+                                                     (1500.0, 2, 1500.0), (999.0, 1, 999.0)])
+def test_believable_reported_cost_is_kept(cost, n, expected):
+    assert normalize_response(_body({"cost": cost}, n)).reported_cost_usd == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("usage", "field"),
+    [
+        ({"input_tokens": -5, "output_tokens": 10}, "usage.input_tokens"),
+        ({"input_tokens": 5, "output_tokens": 10**12}, "usage.output_tokens"),
+        ({"prompt_tokens": -1, "completion_tokens": 3}, "usage.prompt_tokens"),
+        ({"tokens_prompt": 1, "tokens_completion": 2, "tokens_total": -3}, "usage.tokens_total"),
+        ({"input_tokens": 1, "output_tokens": 2, "output_tokens_details": {"image_tokens": -9}},
+         "usage.output_tokens_details.image_tokens"),
+    ],
+)
+def test_unbelievable_token_counts_are_unknown_and_never_summed(caplog, usage, field):
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    result = normalize_response(_body(usage))
+    values = vars(result.usage)
+    assert all(v is None or 0 <= v <= 10_000_000 for v in values.values()), values
+    assert field in caplog.text
+    # A bad part makes the sum unknown too, never a sum of what is left.
+    if field in ("usage.input_tokens", "usage.output_tokens", "usage.prompt_tokens"):
+        assert result.usage.total_tokens is None
+
+
+def test_litellm_headers_give_cost_and_request_id():
+    body = {"created": 1, "data": [{"b64_json": b64(image_bytes("PNG"))}]}
+    result = normalize_response(body, headers={"x-litellm-response-cost": "0.042", "x-litellm-call-id": "call-7"})
+    assert (result.reported_cost_usd, result.request_id) == (pytest.approx(0.042), "call-7")
+    both = normalize_response(body, headers={"x-litellm-call-id": "call-7", "x-request-id": "req-1"})
+    assert both.request_id == "req-1"
+    # The body's cost wins over the header; an absurd header is as unknown as an absurd body.
+    header = {"x-litellm-response-cost": "0.5"}
+    assert normalize_response(_body({"cost": 0.01}), headers=header).reported_cost_usd == 0.01
+    assert normalize_response(body, headers={"x-litellm-response-cost": "nan"}).reported_cost_usd is None
+    assert normalize_response(body, headers={"x-litellm-response-cost": "-1"}).reported_cost_usd is None
+
+
+def test_stream_cost_and_litellm_id():
+    event = json.dumps({"type": "image_generation.completed", "b64_json": b64(image_bytes("PNG")),
+                        "usage": {"input_tokens": -1, "output_tokens": 3, "cost": "inf"}})
+    result = normalize_stream([("image_generation.completed", event)], headers={"x-litellm-call-id": "c1"})
+    assert result.request_id == "c1" and result.reported_cost_usd is None
+    assert result.usage.input_tokens is None and result.usage.total_tokens is None
+
+
+def test_data_url_in_url_is_an_inline_image():
+    png = image_bytes("PNG")
+    body = {"created": 1, "data": [{"url": "data:image/png;base64," + b64(png)}]}
+    [image] = normalize_response(body).images
+    assert image.data == png and image.url is None
+
+
+@pytest.mark.parametrize("url", ["data:text/plain;base64,aGVsbG8=", "data:image/png,rawbytes",
+                                 "data:image/png;base64,!!!not-base64!!!"])
+def test_bad_data_urls_are_malformed(url):
+    with pytest.raises(MalformedResponseError):
+        normalize_response({"created": 1, "data": [{"url": url}]})

@@ -1,0 +1,129 @@
+"""The budget every process using one connection shares: moving windows kept by the ``limits`` package (in
+memory, or in Redis with ``redis://host:port/db``), and the 429 pause as one Redis key every process polls.
+
+Within a process the :mod:`~imagegen_provider.transport.pacing` pacers space sends evenly; this budget only keeps
+several processes, together, under one limit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from imagegen_provider.transport.pacing import MAX_IMAGES_PER_REQUEST
+
+
+def per_minute_item(per_minute: float, min_amount: int = 1) -> RateLimitItem:
+    """A moving window equivalent to ``per_minute``, as short as an integer amount allows.
+
+    A 60-second window would let a client send a whole minute's budget in one burst, which gateways that
+    enforce limits over shorter periods (as OpenAI does) answer with 429s; 1200/min becomes 20 per second.
+
+    :param min_amount: the window must hold at least this many (the images budget: a request for ``n``
+        images must fit in one window, or it would be counted as fewer images than it asks for).
+    """
+    rate = max(1, round(per_minute))
+    divisor = math.gcd(rate, 60)
+    amount, seconds = rate // divisor, 60 // divisor
+    if amount < min_amount:
+        scale = math.ceil(min_amount / amount)
+        amount, seconds = amount * scale, seconds * scale
+    return RateLimitItemPerSecond(amount, seconds)
+
+
+class _Window(RateLimitItemPerSecond):
+    """A moving window whose storage key ignores its size.
+
+    ``limits`` puts the amount in the key, so a window resized at run time (a limit learned from headers or
+    from 429s) would start empty and let a burst through; with one key the requests already counted stay
+    counted, whatever the current size.
+    """
+
+    def key_for(self, *identifiers: bytes | str | int | float) -> str:
+        return "/".join([self.namespace, *(str(i) for i in identifiers)])
+
+
+def _window(item: RateLimitItem) -> RateLimitItem:
+    return _Window(item.amount, item.multiples)
+
+
+def is_shared_backend(backend: str | None) -> bool:
+    return bool(backend) and not str(backend).startswith("memory")
+
+
+class SharedBudget:
+    """Request and image windows, and the pause deadline, for one namespace (usually the connection id).
+
+    Created inside the running loop: ``limits``' memory storage and the redis clients bind to it.
+    """
+
+    def __init__(self, backend: str | None, namespace: str) -> None:
+        self.namespace = namespace
+        self._redis: Any = None
+        self._storage: Storage
+        if backend and is_shared_backend(backend):
+            import redis.asyncio as aioredis
+
+            uri = backend if backend.startswith("async+") else "async+" + backend
+            storage = storage_from_string(uri, implementation="redispy")
+            assert isinstance(storage, Storage), "an async+ URI gives an async storage"
+            self._storage = storage
+            self._redis = aioredis.from_url(backend.removeprefix("async+"))
+        else:
+            self._storage = MemoryStorage()
+        self._strategy = MovingWindowRateLimiter(self._storage)
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    def _key(self, kind: str) -> tuple[str, str]:
+        return ("imagegen", f"{self.namespace}:{kind}")
+
+    async def take(self, rpm: float | None, ipm: float | None, images: int) -> float:
+        """Draw one request and ``images`` images from the windows: 0, or how long to wait (nothing drawn)."""
+        checks: list[tuple[RateLimitItem, tuple[str, str], int]] = []
+        if rpm:
+            checks.append((_window(per_minute_item(rpm)), self._key("requests"), 1))
+        if ipm:
+            item = _window(per_minute_item(ipm, min_amount=MAX_IMAGES_PER_REQUEST))
+            checks.append((item, self._key("images"), min(images, item.amount)))
+        for item, key, cost in checks:
+            if not await self._strategy.test(item, *key, cost=cost):
+                return await self._wait_for(item, key)
+        for item, key, cost in checks:
+            if not await self._strategy.hit(item, *key, cost=cost):
+                # Another process took the slot between test and hit: wait, whichever budget it was. A
+                # request already counted against an earlier budget is a small over-count; sending it anyway
+                # would be an over-send of this one.
+                return await self._wait_for(item, key)
+        return 0.0
+
+    async def _wait_for(self, item: RateLimitItem, key: tuple[str, str]) -> float:
+        stats = await self._strategy.get_window_stats(item, *key)
+        return max(0.001, stats.reset_time - time.time())
+
+    @property
+    def _pause_key(self) -> str:
+        return f"imagegen:{self.namespace}:pause_until"
+
+    async def shared_pause_until(self) -> float | None:
+        """The latest pause deadline any process set (wall-clock seconds), if the backend is shared."""
+        if self._redis is None:
+            return None
+        value = await self._redis.zscore(self._pause_key, "until")
+        return None if value is None else float(value)
+
+    async def share_pause(self, until: float) -> None:
+        if self._redis is not None:
+            # A sorted set with ZADD GT keeps the latest deadline atomically (Redis >= 6.2): two processes
+            # rate-limited at once can never shorten each other's pause. A deadline in the past is no pause,
+            # so the key needs no expiry.
+            await self._redis.zadd(self._pause_key, {"until": until}, gt=True)

@@ -1,0 +1,79 @@
+"""The pure pacing module, on a fake clock: even spacing, AIMD learning, and announced limits checked before
+they are believed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from imagegen_provider.transport import RateLimiter, RateLimits
+from imagegen_provider.transport.pacing import AdaptiveRate, Pacer, announced_limit
+
+
+def test_pacer_spaces_sends_after_the_burst():
+    pacer, rate, now = Pacer(), 2.0, 100.0  # two per second, burst of one
+    assert pacer.delay(now, rate, burst=1.0) == 0.0
+    assert pacer.delay(now, rate, burst=1.0) == pytest.approx(0.5)
+    assert pacer.delay(now + 0.5, rate, burst=1.0) == 0.0
+    # A refund gives the slot back.
+    pacer.refund(rate)
+    assert pacer.delay(now + 0.5, rate, burst=1.0) == 0.0
+
+
+def test_pacer_drain_forbids_a_burst_after_a_429():
+    pacer, rate = Pacer(), 10.0
+    pacer.drain(resume_at=50.0, rate=rate, burst=5.0)
+    assert pacer.delay(49.9, rate, burst=5.0) > 0.0  # nothing before the pause ends
+    assert pacer.delay(50.0, rate, burst=5.0) == 0.0  # one at the end of the pause...
+    assert pacer.delay(50.0, rate, burst=5.0) == pytest.approx(0.1)  # ...then one interval apart, no burst
+
+
+def test_adaptive_rate_first_refusal_then_decrease_then_probe():
+    adaptive = AdaptiveRate()
+    for i in range(10):
+        adaptive.sent(10.0 + i * 0.05)
+    for i in range(6):
+        adaptive.refused(10.5 + i * 0.01)
+    first = adaptive.rate
+    assert first is not None and 1.0 <= first < 10.0
+    adaptive.refused(12.0)
+    assert adaptive.rate == pytest.approx(first * AdaptiveRate.DECREASE)
+    lowered = adaptive.rate
+    adaptive.maybe_increase(13.0)  # too soon after the refusal
+    assert adaptive.rate == lowered
+    adaptive.maybe_increase(20.0)
+    assert adaptive.rate > lowered
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "warned"),
+    [("300", 300.0, False), ("1", 1.0, False), ("0.001", None, True), ("0.5", None, True), ("0", None, False),
+     ("-3", None, False), ("nan", None, False), ("inf", None, False), ("many", None, False), (None, None, False)],
+)
+def test_announced_limit_is_checked(caplog, value, expected, warned):
+    caplog.set_level(logging.WARNING)
+    assert announced_limit("x-ratelimit-limit-requests", value) == expected
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert bool(warnings) is warned
+    if warned:
+        assert "x-ratelimit-limit-requests" in warnings[0]
+
+
+async def test_absurd_announced_limit_never_makes_a_request_wait(caplog):
+    caplog.set_level(logging.WARNING)
+    limiter = RateLimiter(RateLimits(probe_first=False), max_wait=0.5)
+    limiter.observe_headers({"x-ratelimit-limit-requests": "0.001", "x-ratelimit-limit-images": "0.0001"})
+    assert limiter.requests_per_minute is None and limiter.images_per_minute is None
+    assert "x-ratelimit-limit-requests" in caplog.text and "x-ratelimit-limit-images" in caplog.text
+    for _ in range(3):
+        assert await limiter.acquire() < 0.5
+
+
+async def test_every_wait_is_bounded_by_max_wait():
+    """A configured 1 request/min would space requests a minute apart; a single sleep never exceeds max_wait,
+    and a 429 pause of an hour is cut to it."""
+    limiter = RateLimiter(RateLimits(probe_first=False), max_wait=0.2)
+    await limiter.on_rate_limited(3600.0)
+    waited = await limiter.acquire()
+    assert waited < 1.0
