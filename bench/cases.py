@@ -16,6 +16,7 @@ from bench import metrics
 from bench.machine import LoadMeter, code_fingerprint
 from bench.procs import BenchError, Child, ChildResult, Gateway, Redis, wait_children
 from bench.prompts import make_table, prompt_texts
+from bench.storage import case_storage
 
 # -- parameters and targets -----------------------------------------------------------------------------
 
@@ -49,6 +50,8 @@ TARGETS = {
     "hidden_utilisation": (">=", 0.90, "hidden limit: accepted/min ≥ 0.90·R over the run"),
     "overhead_ratio": ("<=", 1.5, "client CPU per image ≤ 1.5 × bare baseline"),
     "memory_ratio": ("<=", 1.3, "peak RSS, large ÷ small prompt table ≤ 1.3"),
+    "storage_requests_per_image": ("<=", 1.5, "object store: storage requests per image ≤ 1.5"),
+    "storage_speed_ratio": (">=", 0.67, "object store: images/s to Azurite ≥ 0.67 × local folder"),
 }
 
 #: dall-e-2 256x256 as b64_json: the smallest image the gateway renders for a documented model.
@@ -583,6 +586,7 @@ CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "overhead": case_overhead,
     "memory": case_memory,
     "scaleout": case_scaleout,
+    "storage": case_storage,
 }
 
 
