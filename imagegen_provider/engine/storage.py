@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import io
 import os
@@ -34,13 +33,18 @@ def _is_local(fs: AbstractFileSystem) -> bool:
     return any(p in ("file", "local") for p in protocols)
 
 
-@functools.cache
+_RM_TAKES_EXPAND_PATH: dict[type, bool] = {}
+
+
 def _rm_takes_expand_path(fs_class: type) -> bool:
-    rm = getattr(fs_class, "_rm", None)
-    try:
-        return rm is not None and "expand_path" in inspect.signature(rm).parameters
-    except (TypeError, ValueError):
-        return False
+    if fs_class not in _RM_TAKES_EXPAND_PATH:
+        rm = getattr(fs_class, "_rm", None)
+        try:
+            takes = rm is not None and "expand_path" in inspect.signature(rm).parameters
+        except (TypeError, ValueError):
+            takes = False
+        _RM_TAKES_EXPAND_PATH[fs_class] = takes
+    return _RM_TAKES_EXPAND_PATH[fs_class]
 
 
 def _exact_paths(fs: AbstractFileSystem) -> dict[str, Any]:
