@@ -85,7 +85,7 @@ def test_errors_name_the_parameter(aws_conn):
 
     with pytest.raises(ValueError, match=r"output_conn_id=.*no filesystem for memory://"):
         resolve_store("memory://x/out", conn_id=aws_conn, storage_options=None, role="output")
-    with pytest.raises(ValueError, match="prompts_conn_id.*local path"):
+    with pytest.raises(ValueError, match=r"prompts_conn_id.*local path"):
         resolve_store("/tmp/p.parquet", conn_id=aws_conn, storage_options=None, role="prompts")
     with pytest.raises(ValueError, match="ObjectStoragePath"):
         resolve_store(ObjectStoragePath("s3://b/k", conn_id=aws_conn), conn_id=aws_conn, storage_options=None, role="output")
