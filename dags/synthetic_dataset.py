@@ -24,6 +24,8 @@ with DAG(
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    # One run at a time: two runs of the same output would pay for the same images twice.
+    max_active_runs=1,
     tags=["imagegen", "example"],
     doc_md=__doc__,
     default_args={"retries": 2, "retry_delay": pendulum.duration(seconds=30)},

@@ -32,6 +32,8 @@ with DAG(
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    # One run at a time: two runs of the same output would pay for the same images twice.
+    max_active_runs=1,
     tags=["imagegen", "example"],
     doc_md=__doc__,
 ):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 
-def get_provider_info() -> dict:
+def get_provider_info() -> dict[str, Any]:
     """Provider metadata read by Airflow's ProvidersManager (entry point ``apache_airflow_provider``).
 
     Keep this import-free and in sync with ``pyproject.toml``: a broken provider info breaks every
@@ -35,6 +37,10 @@ def get_provider_info() -> dict:
                 "integration-name": "Image Generation",
                 "python-modules": ["imagegen_provider.operators.image_generation"],
             }
+        ],
+        "extra-links": [
+            "imagegen_provider.operators.links.ImageOutputLink",
+            "imagegen_provider.operators.links.RunSummaryLink",
         ],
         "connection-types": [
             {

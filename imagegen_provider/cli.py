@@ -50,13 +50,6 @@ def _number(*, minimum: float, inclusive: bool, kind: type = float) -> Any:
     return parse
 
 
-def _price_alias(text: str) -> tuple[str, str]:
-    alias, sep, model = text.partition("=")
-    if not sep or not alias.strip() or not model.strip():
-        raise argparse.ArgumentTypeError(f"--price-as takes ALIAS=MODEL (e.g. my-gw-model=dall-e-3), not {text!r}")
-    return alias.strip(), model.strip()
-
-
 def _json_object(text: str) -> dict[str, Any]:
     """A JSON object given inline or as ``@path``. The text is never echoed back: it holds credentials."""
     if text.startswith("@"):
@@ -130,11 +123,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--rows", type=_rows, help="Only rows START:STOP of the table (a shard).")
     batch.add_argument("--max-cost", type=_number(minimum=0, inclusive=True),
                        help="Stop before spending more than this many USD.")
-    batch.add_argument("--prices", metavar="FILE",
-                       help="JSON price overrides shaped like the packaged prices.json (entries merge into it).")
-    batch.add_argument("--price-as", type=_price_alias, action="append", default=[], metavar="ALIAS=MODEL",
-                       help="Price a gateway's model name as a listed model (repeatable), e.g. --price-as "
-                       "my-route=dall-e-3.")
     batch.add_argument("--dry-run", action="store_true", help="Count images and estimate cost; call nothing.")
     batch.add_argument("--no-finalize", action="store_true", help="Skip writing metadata.parquet (for shards).")
     batch.add_argument("--progress-interval", type=_number(minimum=0, inclusive=False), default=10.0)
@@ -156,8 +144,7 @@ def _params(items: list[str]) -> dict[str, Any]:
     return params
 
 
-def _run_config(args: argparse.Namespace) -> Any:
-    from imagegen_provider.engine.pricing import read_price_file
+def _run_config(args: argparse.Namespace, settings: Any) -> Any:
     from imagegen_provider.engine.runner import RunConfig
 
     defaults = _params(args.param)
@@ -180,8 +167,8 @@ def _run_config(args: argparse.Namespace) -> Any:
         row_stop=stop,
         max_cost_usd=args.max_cost,
         dry_run=args.dry_run,
-        prices=read_price_file(args.prices) if args.prices else None,
-        price_as=dict(args.price_as),
+        prices=settings.prices,
+        price_as=dict(settings.price_as or {}),
         # The bundled gateway charges play money: rows say so.
         simulated=not args.base_url,
         progress_interval=args.progress_interval,
@@ -228,8 +215,8 @@ async def _run(args: argparse.Namespace, received: list[int] | None = None) -> d
     from imagegen_provider.engine.finalize import finalize_output
 
     received = [] if received is None else received
-    config = _run_config(args)
     settings = _client_settings(args)
+    config = _run_config(args, settings)
     summary = await _generate(config, settings, received)
     result: dict[str, Any] = {"run": summary.to_dict()}
     if not args.no_finalize and not args.dry_run and not received:

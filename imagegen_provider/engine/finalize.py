@@ -30,6 +30,7 @@ from imagegen_provider.engine.metadata import (
     JOURNAL_DIR,
     METADATA_DIR,
     current_rows,
+    distinct_attempts,
     journal_writers,
     read_metadata,
     recover_journal,
@@ -353,12 +354,9 @@ def finalize_output(
     location = StorageLocation.from_url(output, output_storage_options)
     _fold_journals(location, refuse_live=not ranged)
     history = read_metadata(location).to_pandas()
-    # A journal entry recovered twice by older versions is the same attempt twice: count it once.
-    # A rescued image's row is that attempt again, succeeded: the success is kept, whatever order the parts
-    # were listed in.
-    history = history.sort_values("status", key=lambda s: s == STATUS_SUCCEEDED, kind="stable").drop_duplicates(
-        ["run_id", "prompt_id", "image_index", "finished_at"], keep="last"
-    )
+    # A journal entry recovered twice by older versions, or a rescued image stored by a rerun, is the same
+    # attempt twice: count it once, keeping the success.
+    history = distinct_attempts(history)
     whole = wanted = None
     if prompts is not None:
         whole, wanted = _expected_keys(

@@ -366,6 +366,16 @@ def read_metadata(location: StorageLocation, columns: Iterable[str] | None = Non
     return pa.concat_tables(tables)
 
 
+def distinct_attempts(frame: pd.DataFrame, *, key: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per attempt (run id, prompt id, image index, ``finished_at``), a success winning a tie: a paid
+    image stored from the rescue ledger is the same attempt as the failed row it supersedes."""
+    if frame.empty:
+        return frame
+    ok = frame["status"] == STATUS_SUCCEEDED
+    ordered = frame.assign(_ok=ok).sort_values("_ok", kind="stable").drop(columns="_ok")
+    return ordered.drop_duplicates([*key, "run_id", "prompt_id", "image_index", "finished_at"], keep="last")
+
+
 def current_rows(table: pa.Table | pd.DataFrame) -> pd.DataFrame:
     """One row per (prompt_id, image_index): the latest finished, a success winning a tie."""
     frame = table.to_pandas() if isinstance(table, pa.Table) else table.copy()

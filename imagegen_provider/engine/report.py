@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pandas as pd
 
-from imagegen_provider.engine.metadata import read_metadata
+from imagegen_provider.engine.metadata import distinct_attempts, read_metadata
 from imagegen_provider.engine.schema import STATUS_SUCCEEDED
 from imagegen_provider.engine.storage import StorageLocation
 
@@ -36,9 +36,7 @@ def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any]
     # One row per attempt. A paid image the output refused and a later run stored from the rescue folder has
     # two rows of the same attempt (failed, then succeeded, same cost): the success is the one that counts.
     rows = pd.concat(frames, ignore_index=True)
-    rows = rows.sort_values("status", key=lambda s: s == STATUS_SUCCEEDED, kind="stable").drop_duplicates(
-        ["output", "run_id", "prompt_id", "image_index", "finished_at"], keep="last"
-    )
+    rows = distinct_attempts(rows, key=("output",))
     rows["day"] = rows["finished_at"].dt.strftime("%Y-%m-%d")
     for column in ("model", "provider", "dag_id"):
         rows[column] = rows[column].fillna("unknown")

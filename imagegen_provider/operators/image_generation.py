@@ -11,23 +11,55 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow.sdk import Asset, BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from imagegen_provider.engine.finalize import DATASET_TABLE, FinalizeReport, finalize_output
 from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
+from imagegen_provider.hooks._airflow import AirflowException, AirflowFailException
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
+from imagegen_provider.operators.links import ImageOutputLink, RunSummaryLink
 from imagegen_provider.transport.client import quiet_request_logs
+from imagegen_provider.wire.errors import ImageGenError
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
     from airflow.sdk import Context
+
+    from imagegen_provider.operators.lineage import ImageGenerationRunFacet
 
 log = logging.getLogger(__name__)
 
-#: Failures that a retry of the task would not fix; they never fail the task on their own.
-PERMANENT_FAILURES = frozenset({"InvalidRow", "RequestValidationError", "ContentPolicyError", "BadRequestError"})
+#: The runner's failure kind for a row that never became a request (null prompt, bad override): the row's own
+#: fault, like a permanent error.
+INVALID_ROW = "InvalidRow"
 
 _REQUEST_FIELDS = ("model", "size", "quality", "style", "response_format")
+
+
+def _error_classes() -> dict[str, type[ImageGenError]]:
+    """Every ``ImageGenError`` subclass by name: the run summary counts failures by class name (it is XCom)."""
+    found: dict[str, type[ImageGenError]] = {}
+    pending: list[type[ImageGenError]] = [ImageGenError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.__name__, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def is_permanent_failure(kind: str) -> bool:
+    """Whether a failure kind is the row's own fault (a task retry would fail it again): the error class's
+    ``permanent`` flag, or an invalid row of the prompt table."""
+    if kind == INVALID_ROW:
+        return True
+    cls = _error_classes().get(kind)
+    return cls is not None and cls.permanent
+
+
+def is_fatal_failure(kind: str) -> bool:
+    """Whether a failure kind stops the whole run (bad key, no balance, open circuit, storage)."""
+    cls = _error_classes().get(kind)
+    return cls is not None and cls.fatal
 
 
 def metadata_asset_for(output_path: Any) -> Asset | None:
@@ -58,8 +90,24 @@ def _with_outlet(asset: Asset | bool | None, kwargs: dict[str, Any]) -> Asset | 
     return asset
 
 
+#: Engine warnings about the configuration rather than about events (a dialect that cannot send the seed, a
+#: budget that cannot be enforced): every shard of a run would repeat them word for word.
+_CONFIGURATION_WARNINGS = frozenset({"_warn_dropped", "_warn_unenforceable"})
+
+
+class _ConfigurationWarningsOncePerRun(logging.Filter):
+    """Lets the first shard of a mapped task say it; the other shards log the same lines at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.funcName in _CONFIGURATION_WARNINGS:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.msg} (as warned by the first shard)"
+        return True
+
+
 class _WritesDataset:
-    """What both operators do at the end: finalize the output and announce the dataset Asset."""
+    """What both operators share: finalize the output, announce the dataset Asset, describe their lineage and
+    stop cleanly when Airflow kills the task."""
 
     output_path: Any
     prompts_path: Any
@@ -67,6 +115,46 @@ class _WritesDataset:
     id_column: str
     images_per_prompt: int
     metadata_asset: Asset | None
+    #: The running batch and its event loop, for ``on_kill`` (set while ``execute`` runs a batch).
+    _runner: BatchRunner | None = None
+    _killed: str | None = None
+
+    @property
+    def writes_dataset_table(self) -> bool:
+        """Whether this task writes ``metadata.parquet`` (and ``run_summary.json``)."""
+        return True
+
+    def on_kill(self) -> None:
+        """Airflow's SIGTERM (a user marking the task failed, a timeout, a scheduler shutdown): stop dispatching
+        at once, cancel the requests in flight, flush the journal; the output stays resumable.
+
+        Runs in a signal handler on the thread of the event loop: it only schedules the stop.
+        """
+        self._killed = "task killed by Airflow (on_kill)"
+        runner = self._runner
+        if runner is None:
+            log.info("on_kill: no batch running")
+            return
+        runner.request_stop(self._killed)
+        log.warning("on_kill: stopping the batch; nothing more is sent, a rerun resumes from %s", self.output_path)
+
+    def _lineage(
+        self, *, run_facet: ImageGenerationRunFacet | None = None, rows: int | None = None
+    ) -> OperatorLineage[Any, Any]:
+        from imagegen_provider.operators.lineage import operator_lineage
+
+        return operator_lineage(
+            prompts=self.prompts_path,
+            output=self.output_path,
+            metadata_table=DATASET_TABLE if self.writes_dataset_table else "metadata",
+            run_facet=run_facet,
+            rows_written=rows,
+        )
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage[Any, Any]:
+        """OpenLineage (``apache-airflow-providers-openlineage``): the prompt table in; the images folder and
+        the metadata table out."""
+        return self._lineage()
 
     def _finalize(self) -> FinalizeReport:
         return finalize_output(
@@ -132,8 +220,10 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         "max_cost_usd",
         "shard",
     )
-    template_fields_renderers = {"request_params": "json", "shard": "json"}
+    # BaseOperator declares it a plain class attribute, so no ClassVar here.
+    template_fields_renderers = {"request_params": "json", "shard": "json"}  # noqa: RUF012
     ui_color = "#f0e4ff"
+    operator_extra_links = (ImageOutputLink(), RunSummaryLink())
 
     def __init__(
         self,
@@ -148,12 +238,12 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         response_format: str | None = None,
         request_params: Mapping[str, Any] | None = None,
         images_per_prompt: int = 1,
-        seed: int = 0,
+        seed: int | str = 0,
         prompt_column: str = "prompt",
         id_column: str = "id",
         shard: Mapping[str, Any] | None = None,
         finalize: bool | None = None,
-        max_cost_usd: float | None = None,
+        max_cost_usd: float | str | None = None,
         dry_run: bool = False,
         max_failed_fraction: float = 0.0,
         rate_limits: Mapping[str, Any] | None = None,
@@ -188,7 +278,8 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         self.shard = shard
         self.finalize = finalize
         self.max_cost_usd = max_cost_usd
-        self.dry_run = dry_run
+        # Not ``self.dry_run``: that would hide ``BaseOperator.dry_run()``.
+        self.estimate_only = dry_run
         self.max_failed_fraction = max_failed_fraction
         self.rate_limits = dict(rate_limits or {})
         self.prices = prices
@@ -197,6 +288,10 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
     @cached_property
     def hook(self) -> ImageGenerationHook:
         return ImageGenerationHook(imagegen_conn_id=self.imagegen_conn_id)
+
+    @property
+    def writes_dataset_table(self) -> bool:
+        return self.finalize if self.finalize is not None else self.shard is None
 
     def _request_defaults(self) -> dict[str, Any]:
         defaults = dict(self.request_params)
@@ -224,31 +319,68 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             row_stop=int(shard["stop"]) if shard.get("stop") is not None else None,
             shard=shard.get("label"),
             max_cost_usd=float(self.max_cost_usd) if self.max_cost_usd not in (None, "") else None,
-            dry_run=self.dry_run,
+            dry_run=self.estimate_only,
             prices=prices,
             run_id=context["run_id"],
             labels={"dag_id": context["dag"].dag_id, "task_id": self.task_id},
             provider=settings.provider,
             progress_interval=self.progress_interval,
+            price_as=dict(settings.price_as or {}),
+            # The bundled gateway's images are placeholders and its charges simulated: label the rows so.
+            simulated=settings.is_local,
         )
 
     async def _run(self, config: RunConfig) -> RunSummary:
         if config.dry_run:
             return await BatchRunner(config, client=None).run()
         async with self.hook.get_client(**self.rate_limits) as client:
-            return await BatchRunner(config, client=client).run()
+            self._runner = BatchRunner(config, client=client)
+            if self._killed:  # killed while the client was opening: send nothing
+                raise asyncio.CancelledError
+            return await self._runner.run()
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def _generate(self, context: Context) -> RunSummary:
         config = self._run_config(context)
         self.log.info(
             "Generating from %s into %s through %s",
             self.prompts_path, self.output_path, self.hook.settings.describe(),
         )
-        with quiet_request_logs():
-            summary = asyncio.run(self._run(config))
+        repeat_filter = _ConfigurationWarningsOncePerRun()
+        # A logger's filters see only its own records, not its children's: attach to the runner's logger.
+        runner_log = logging.getLogger(BatchRunner.__module__)
+        if getattr(context.get("ti"), "map_index", -1) > 0:
+            runner_log.addFilter(repeat_filter)
+        try:
+            with quiet_request_logs():
+                return asyncio.run(self._run(config))
+        except asyncio.CancelledError:
+            raise AirflowException(
+                f"Image generation stopped: {self._killed or 'cancelled'}; a rerun resumes from {self.output_path}"
+            ) from None
+        finally:
+            self._runner = None
+            runner_log.removeFilter(repeat_filter)
+
+    def _name_shard(self, context: Context) -> None:
+        """Name a mapped shard in the UI by its rows ("rows 0-5000") rather than its map index, unless the DAG
+        set a ``map_index_template``. Airflow renders the context's template after ``execute``; the context was
+        built from the mapped task, before this shard's rows were known, hence the plain string set here."""
+        if self.shard is not None and not context.get("map_index_template"):
+            shard = dict(self.shard)
+            stop = shard.get("stop")
+            context["map_index_template"] = f"rows {shard.get('start', 0)}-{'end' if stop is None else stop}"
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        self._name_shard(context)
+        summary = self._generate(context)
+        self._summary = summary
+        if self._killed:
+            # No dataset table and no Asset event for a batch cut short: the rerun finishes and announces it.
+            raise AirflowException(
+                f"Image generation stopped: {self._killed}; a rerun resumes from {summary.output_uri}"
+            )
         result: dict[str, Any] = {"run": summary.to_dict()}
-        should_finalize = self.finalize if self.finalize is not None else self.shard is None
-        report = self._finalize() if should_finalize and not summary.dry_run else None
+        report = self._finalize() if self.writes_dataset_table and not summary.dry_run else None
         if report is not None:
             result["dataset"] = report.brief()
         self._emit_dataset_event(
@@ -262,12 +394,41 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         self._raise_for(summary)
         return result
 
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any]:
+        """OpenLineage: inputs and outputs as on start, plus the run's model, image counts and cost."""
+        from imagegen_provider.operators.lineage import ImageGenerationRunFacet
+
+        summary: RunSummary | None = getattr(self, "_summary", None)
+        if summary is None:
+            return self._lineage()
+        facet = ImageGenerationRunFacet(
+            model=self._model_for_lineage(),
+            images_total=summary.total_images,
+            images_succeeded=summary.succeeded,
+            images_failed=summary.failed,
+            images_skipped=summary.skipped_existing,
+            cost_usd=summary.cost_usd,
+            estimated_cost_usd=summary.estimated_cost_usd,
+            simulated=self.hook.settings.is_local,
+            dry_run=summary.dry_run,
+            shard=summary.shard,
+        )
+        return self._lineage(run_facet=facet, rows=summary.succeeded)
+
+    def _model_for_lineage(self) -> str | None:
+        try:
+            model = self._request_defaults().get("model")
+        except Exception:  # lineage never fails a task: a broken connection was reported by execute already
+            return self.model
+        return str(model) if model is not None else None
+
     def _raise_for(self, summary: RunSummary) -> None:
         reason = summary.stopped_reason or ""
-        if reason.startswith("fatal"):
+        fatal = [kind for kind in summary.failures_by_type if is_fatal_failure(kind)]
+        if reason.startswith("fatal") or fatal:
             # A bad key or an empty balance: retrying the task cannot help.
-            raise AirflowFailException(f"Image generation stopped: {reason}")
-        transient = sum(n for kind, n in summary.failures_by_type.items() if kind not in PERMANENT_FAILURES)
+            raise AirflowFailException(f"Image generation stopped: {reason or 'fatal ' + ', '.join(fatal)}")
+        transient = sum(n for kind, n in summary.failures_by_type.items() if not is_permanent_failure(kind))
         attempted = summary.succeeded + summary.failed
         if attempted and transient / attempted > self.max_failed_fraction:
             raise AirflowException(
@@ -289,6 +450,7 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
     """
 
     template_fields: Sequence[str] = ("output_path", "prompts_path")
+    operator_extra_links = (ImageOutputLink(), RunSummaryLink())
 
     def __init__(
         self,
@@ -316,6 +478,7 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         report = self._finalize()
+        self._report = report
         for prompt_id, index, error_type in report.failed_images[:50]:
             self.log.warning("Failed image: %s #%s (%s)", prompt_id, index, error_type)
         for prompt_id, index in report.missing_images[:50]:
@@ -333,6 +496,22 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
                 f"(see {report.summary_uri})"
             )
         return {"dataset": report.brief()}
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any]:
+        """OpenLineage: the prompt table in; the images and the dataset table out; the dataset's counts and
+        cost (over every shard and run) as the run facet."""
+        from imagegen_provider.operators.lineage import ImageGenerationRunFacet
+
+        report: FinalizeReport | None = getattr(self, "_report", None)
+        if report is None:
+            return self._lineage()
+        facet = ImageGenerationRunFacet(
+            images_total=report.expected_images,
+            images_succeeded=report.succeeded,
+            images_failed=report.failed,
+            cost_usd=report.total_cost_usd,
+        )
+        return self._lineage(run_facet=facet, rows=report.succeeded)
 
 
 def plan_prompt_shards(

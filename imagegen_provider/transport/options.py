@@ -71,6 +71,31 @@ def read_url(value: Any) -> str:
     return text.rstrip("/")
 
 
+def read_json_object_or_file(value: Any) -> dict[str, Any]:
+    """A JSON object, or the path of a file holding one (how a command line gives a price table)."""
+    if isinstance(value, str) and not value.lstrip().startswith("{"):
+        try:
+            with open(value, encoding="utf-8") as handle:
+                value = handle.read()
+        except OSError as exc:
+            # The path is not quoted: in a connection extra this string could be anything, a secret included.
+            raise ValueError(f"must be a JSON object or a file holding one (file: {exc.strerror})") from None
+    return read_json_object(value)
+
+
+def read_aliases(value: Any) -> dict[str, str]:
+    """``{"alias": "model"}``, or ``alias=model[,alias=model...]`` from a command line."""
+    if isinstance(value, str) and not value.lstrip().startswith("{"):
+        pairs = [item.partition("=") for item in value.split(",")]
+        if any(not sep or not alias.strip() or not model.strip() for alias, sep, model in pairs):
+            raise ValueError("takes ALIAS=MODEL[,ALIAS=MODEL] (e.g. my-gw-model=dall-e-3)")
+        return {alias.strip(): model.strip() for alias, _, model in pairs}
+    aliases = read_json_object(value)
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in aliases.items()):
+        raise ValueError("must map model names to model names")
+    return aliases
+
+
 def read_json_object(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         try:

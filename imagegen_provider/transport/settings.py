@@ -26,10 +26,12 @@ from imagegen_provider.transport.options import (
     Option,
     option,
     option_of,
+    read_aliases,
     read_bool,
     read_float,
     read_int,
     read_json_object,
+    read_json_object_or_file,
     read_url,
 )
 from imagegen_provider.transport.ratelimit import RateLimits
@@ -115,7 +117,15 @@ class ClientSettings:
         default=False,
     )
     prices: Mapping[str, Any] | None = option(
-        Option("prices", "--prices", "Price overrides, a JSON object.", read_json_object, metavar="JSON"),
+        Option("prices", "--prices", "Price overrides shaped like the packaged prices.json (entries merge into "
+               "it): a JSON object, or on the command line a JSON file.", read_json_object_or_file,
+               metavar="FILE|JSON"),
+        default=None,
+    )
+    price_as: Mapping[str, str] | None = option(
+        Option("price_as", "--price-as", "Price a gateway's model names as listed models (aliases such as "
+               "LiteLLM's model_name): a JSON object, or ALIAS=MODEL[,ALIAS=MODEL] on the command line.",
+               read_aliases, metavar="ALIAS=MODEL"),
         default=None,
     )
     #: Options of the bundled gateway; not in the repr (``api_key`` is the key the gateway expects).
@@ -219,9 +229,11 @@ def _build(values: Mapping[str, Any], *, api_key: str | None, namespace: str) ->
 
 
 def _cli_type(opt: Option) -> Any:
+    # The reader, not ``opt.read``: on a command line 0 is a number to check (preflight refuses a zero
+    # timeout), not the legacy "not set" of a connection extra.
     def parse(text: str) -> Any:
         try:
-            return opt.read(text)
+            return opt.reader(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{opt.flag} {exc}") from None
 

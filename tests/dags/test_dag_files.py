@@ -21,11 +21,11 @@ DAG_IDS = {"synthetic_dataset", "synthetic_dataset_sharded", "cost_report"}
 def dagbag(tmp_path, monkeypatch):
     """The DAG folder parsed as the DAG processor would (Airflow 3.3: ``airflow.dag_processing.dagbag``; its
     ``include_examples`` is gone, examples follow ``[core] load_examples``, off in the tests)."""
-    from airflow.dag_processing.dagbag import DagBag
+    from tests.operators.conftest import dagbag_class
 
     monkeypatch.setenv("IMAGEGEN_OUTPUT_ROOT", str(tmp_path / "root"))
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    return DagBag(dag_folder=str(DAGS))
+    return dagbag_class()(dag_folder=str(DAGS))
 
 
 def test_no_import_errors(dagbag):
@@ -37,17 +37,18 @@ def test_no_import_errors(dagbag):
 
 def test_cost_report_is_scheduled_on_both_metadata_assets(dagbag, tmp_path):
     root = tmp_path / "root"
-    expected = {
+    expected = [  # a list: Airflow 3.0's Asset is not hashable
         metadata_asset_for(str(root / "synthetic_dataset")),
         metadata_asset_for(str(root / "synthetic_dataset_sharded")),
-    }
+    ]
     assert {a.uri for a in expected} == {
         f"file://{root}/synthetic_dataset/metadata.parquet",
         f"file://{root}/synthetic_dataset_sharded/metadata.parquet",
     }
     dag = dagbag.dags["cost_report"]
     condition = dag.timetable.asset_condition
-    assets = set(condition.iter_assets().values()) if hasattr(condition, "iter_assets") else set(condition.objects)
+    # Airflow 3.0: iter_assets() yields (key, asset) pairs; 3.3: the condition lists its objects.
+    assets = list(dict(condition.iter_assets()).values()) if hasattr(condition, "iter_assets") else condition.objects
     assert {(a.name, a.uri) for a in assets} == {(a.name, a.uri) for a in expected}
     # Either dataset's update triggers the report.
     assert type(condition).__name__ == "AssetAny"
@@ -74,3 +75,34 @@ def test_producers_emit_the_assets_cost_report_waits_for(dagbag, tmp_path):
     assert "shard" in generate.expand_input.value
     for asset in (*single.outlets, *finalize.outlets):
         assert isinstance(asset, Asset)
+
+
+def test_example_dags_run_one_at_a_time(dagbag):
+    # Two concurrent runs writing the same output would pay for the same images twice.
+    assert {dag_id: dag.max_active_runs for dag_id, dag in dagbag.dags.items()} == dict.fromkeys(DAG_IDS, 1)
+
+
+def test_cost_report_leaves_simulated_spend_out_unless_asked():
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("cost_report_dag", DAGS / "cost_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    when = pd.Timestamp("2026-03-01T10:00:00Z")
+    rows = pd.DataFrame({
+        "status": ["succeeded", "succeeded", "failed", "succeeded"],
+        "model": ["gpt-image-1"] * 4, "provider": ["openai", "local", "openai", "openai"],
+        "dag_id": ["d"] * 4, "cost_usd": [0.04, 0.02, None, 0.01],
+        "cost_source": ["reported", "simulated", None, "estimated"], "finished_at": [when] * 4,
+        "api": ["sync", "sync", "sync", "batch"],
+    })
+    real = module.summarize(rows[rows.cost_source != module.SIMULATED])
+    assert float(real.cost_usd.sum()) == pytest.approx(0.05)
+    # Sync and batch spend are reported apart when the metadata has the api column.
+    by_api = real.groupby("api").cost_usd.sum().to_dict()
+    assert by_api == pytest.approx({"sync": 0.04, "batch": 0.01})
+    everything = module.summarize(rows)
+    assert float(everything.cost_usd.sum()) == pytest.approx(0.07)
+    assert int(everything.images_failed.sum()) == 1

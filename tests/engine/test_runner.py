@@ -446,38 +446,22 @@ async def test_a_second_stop_request_cancels_at_once(tmp_path, gateway_factory):
     assert list(rows["error_type"]) == ["StopCancelled"] and gateway.stats()["generation_requests"] == 1
 
 
-class _GenerationFailed(Exception):
-    """Contract 3's failure (transport branch): the error, the attempts, every paid response."""
+async def test_failed_and_discarded_paid_responses_are_all_costed(tmp_path, gateway, monkeypatch):
+    from dataclasses import replace
 
-    def __init__(self, error, attempts, paid):
-        super().__init__(str(error))
-        self.error, self.attempts, self.paid = error, attempts, paid
-
-
-async def test_contract_3_failures_and_discarded_responses_are_costed(tmp_path, gateway, monkeypatch):
-    from dataclasses import dataclass
-
+    from imagegen_provider.transport.client import GenerationFailed
     from imagegen_provider.wire.errors import MalformedResponseError
 
     ids, texts = numbered(2)
     path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     original = ImageGenClient.generate
 
-    @dataclass(frozen=True)
-    class WithDiscarded:
-        images: list
-        result: object
-        attempts: int
-        latency_ms: float
-        dropped_fields: tuple
-        discarded: tuple
-
     async def generate(self, request):
         generation = await original(self, request)
         if request.prompt == texts[0]:
             # Two paid responses thrown away (corrupt images), then this one: three payments.
-            raise _GenerationFailed(MalformedResponseError("not an image"), 3, (generation.result,) * 3)
-        return WithDiscarded(generation.images, generation.result, 2, 1.0, (), (generation.result,))
+            raise GenerationFailed(MalformedResponseError("not an image"), attempts=3, paid=(generation.result,) * 3)
+        return replace(generation, attempts=2, discarded=(generation.result,))
 
     monkeypatch.setattr(ImageGenClient, "generate", generate)
     summary = await run_batch(gateway, prompts=path, output=str(tmp_path / "out"))

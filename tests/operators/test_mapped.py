@@ -7,6 +7,7 @@ to a file in its own bundle (``[dag_processor] dag_bundle_config_list``, given a
 
 from __future__ import annotations
 
+import itertools
 import json
 import textwrap
 
@@ -16,10 +17,10 @@ import pytest
 from imagegen_provider.engine.schema import COLUMNS
 from imagegen_provider.operators.image_generation import ImageGenerationOperator, plan_prompt_shards
 
-from .conftest import make_context, write_prompts
+from .conftest import make_context, run_dag_file, write_prompts
 
 DAG_ID = "imagegen_test_mapped_shards"
-REQUEST = dict(model="dall-e-2", size="256x256", response_format="b64_json", seed=2026, images_per_prompt=2)
+REQUEST = {"model": "dall-e-2", "size": "256x256", "response_format": "b64_json", "seed": 2026, "images_per_prompt": 2}
 
 DAG_FILE = '''
 import pendulum
@@ -71,6 +72,21 @@ def asset_events(uri: str, run_id: str) -> list[dict]:
     return [{"source_task_id": t, "source_map_index": m, "extra": e} for t, m, e in rows]
 
 
+def link_value(run, task_id: str, map_index: int, key: str):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalars(
+            select(XComModel).where(
+                XComModel.key == key, XComModel.run_id == run.run_id, XComModel.dag_id == run.dag_id,
+                XComModel.task_id == task_id, XComModel.map_index == map_index,
+            )
+        ).first()
+        return XComModel.deserialize_value(row) if row is not None else None
+
+
 def test_plan_prompt_shards(tmp_path):
     prompts = write_prompts(tmp_path / "p.parquet", [f"prompt {i}" for i in range(7)])
     shards = plan_prompt_shards(str(prompts), shard_size=3)
@@ -80,7 +96,7 @@ def test_plan_prompt_shards(tmp_path):
     # max_shards wins over shard_size, and the shards still cover every row exactly once.
     capped = plan_prompt_shards(str(prompts), shard_size=1, max_shards=2)
     assert len(capped) == 2 and capped[0]["start"] == 0 and capped[-1]["stop"] == 7
-    assert all(a["stop"] == b["start"] for a, b in zip(capped, capped[1:]))
+    assert all(a["stop"] == b["start"] for a, b in itertools.pairwise(capped))
     json.dumps(shards)  # an XCom value
 
 
@@ -89,28 +105,11 @@ def test_mapped_shards_then_finalize_match_an_unsharded_run(airflow_db, tmp_path
     prompts = write_prompts(tmp_path / "prompts.parquet", [f"a paper boat on a pond, variant {i}" for i in range(7)])
     sharded_out = tmp_path / "sharded"
     conn_id = make_conn()
-    dags = tmp_path / "dags"
-    dags.mkdir()
-    (dags / "imagegen_test_mapped_dag.py").write_text(
-        textwrap.dedent(DAG_FILE).format(
-            prompts=str(prompts), output=str(sharded_out), dag_id=DAG_ID, conn_id=conn_id,
-            request=REQUEST, images_per_prompt=REQUEST["images_per_prompt"],
-        )
+    source = textwrap.dedent(DAG_FILE).format(
+        prompts=str(prompts), output=str(sharded_out), dag_id=DAG_ID, conn_id=conn_id,
+        request=REQUEST, images_per_prompt=REQUEST["images_per_prompt"],
     )
-    bundles = [
-        {"name": "imagegen-operator-tests", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-         "kwargs": {"path": str(dags)}},
-        # Keep the default bundle configured so that the shared test DB keeps it active.
-        {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle", "kwargs": {}},
-    ]
-    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundles))
-
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(dags))
-    assert not bag.import_errors
-    dag = bag.dags[DAG_ID]
-    run = dag.test()
+    run = run_dag_file(source, DAG_ID, tmp_path / "dags", monkeypatch)
 
     states = {(ti.task_id, ti.map_index): ti.state for ti in run.get_task_instances()}
     assert run.state == "success", states
@@ -118,10 +117,16 @@ def test_mapped_shards_then_finalize_match_an_unsharded_run(airflow_db, tmp_path
         ("generate_shard", i): "success" for i in range(3)
     }
     assert states[("finalize", -1)] == "success"
+    # The UI names each shard by its rows.
+    names = {ti.map_index: ti.rendered_map_index for ti in run.get_task_instances() if ti.task_id == "generate_shard"}
+    assert names == {0: "rows 0-3", 1: "rows 3-6", 2: "rows 6-7"}
+    # The extra links were computed in the worker and kept for the UI.
+    assert link_value(run, "generate_shard", 1, "_link_ImageOutputLink") == f"file://{sharded_out}/images/"
+    assert link_value(run, "finalize", -1, "_link_RunSummaryLink") == f"file://{sharded_out}/run_summary.json"
 
     sharded = pd.read_parquet(sharded_out / "metadata.parquet")
     assert list(sharded.columns) == list(COLUMNS)
-    keys = list(zip(sharded.prompt_id, sharded.image_index))
+    keys = list(zip(sharded.prompt_id, sharded.image_index, strict=True))
     assert len(keys) == len(set(keys)) == 14  # one row per prompt × image
     assert set(keys) == {(f"p{i:03d}", k) for i in range(7) for k in range(2)}
     assert sharded.shard.nunique() == 3 and set(sharded.dag_id) == {DAG_ID}
@@ -142,7 +147,7 @@ def test_mapped_shards_then_finalize_match_an_unsharded_run(airflow_db, tmp_path
     )
     op.execute(make_context())
     single = pd.read_parquet(single_out / "metadata.parquet")
-    seeds = lambda t: dict(zip(zip(t.prompt_id, t.image_index), t.seed))  # noqa: E731
+    seeds = lambda t: dict(zip(zip(t.prompt_id, t.image_index, strict=True), t.seed, strict=True))  # noqa: E731
     assert seeds(sharded) == seeds(single)
     assert sorted(sharded.file_name) == sorted(single.file_name)
 

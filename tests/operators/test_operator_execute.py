@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from airflow.sdk import ObjectStoragePath
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from PIL import Image
 
 from imagegen_gateway import GatewayConfig
 from imagegen_provider.engine.schema import COLUMNS
+from imagegen_provider.hooks._airflow import AirflowException, AirflowFailException
 from imagegen_provider.operators.image_generation import ImageGenerationOperator
 
 from .conftest import FAST_REQUEST, SECRET, make_context, write_prompts
@@ -60,7 +60,8 @@ def test_execute_generates_and_returns_a_small_summary(prompts_file, tmp_path, m
     table = pd.read_parquet(output / "metadata.parquet")
     assert list(table.columns) == list(COLUMNS)
     assert len(table) == 12
-    assert set(zip(table.prompt_id, table.image_index)) == {(f"p{i:03d}", k) for i in range(6) for k in range(2)}
+    expected = {(f"p{i:03d}", k) for i in range(6) for k in range(2)}
+    assert set(zip(table.prompt_id, table.image_index, strict=True)) == expected
     assert set(table.run_id) == {"manual__unit"}
     assert set(table.dag_id) == {"unit_dag"} and set(table.task_id) == {"generate"}
     assert table.seed.nunique() == 12

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pendulum
 import pytest
-from airflow.sdk import DAG, Asset, ObjectStoragePath, task
+from airflow.sdk import DAG, Asset, BaseOperator, ObjectStoragePath, task
 
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
 from imagegen_provider.operators.image_generation import (
@@ -207,3 +207,62 @@ class TestMetadataAssetFor:
     )
     def test_templated_is_none(self, templated):
         assert metadata_asset_for(templated) is None
+
+
+def test_dry_run_keyword_does_not_hide_base_operator_dry_run(tmp_path, caplog):
+    op = ImageGenerationOperator(task_id="g", prompts_path="p", output_path=str(tmp_path), dry_run=True)
+    assert op.estimate_only is True
+    if hasattr(BaseOperator, "dry_run"):  # Airflow 3.3 (3.0's Task SDK has no dry_run())
+        # BaseOperator.dry_run() (render templates and log, no execute) is still the method.
+        assert op.dry_run.__func__ is BaseOperator.dry_run
+        op.dry_run()
+    else:
+        assert "dry_run" not in vars(op)
+    assert not (tmp_path / "images").exists()
+    default = ImageGenerationOperator(task_id="h", prompts_path="p", output_path=str(tmp_path))
+    assert default.estimate_only is False
+
+
+class TestFailureClassification:
+    """The task's verdict reads the error classes' flags, never a list of class names."""
+
+    def test_known_kinds(self):
+        from imagegen_provider.operators.image_generation import is_fatal_failure, is_permanent_failure
+
+        assert is_permanent_failure("ContentPolicyError") and is_permanent_failure("RequestValidationError")
+        assert is_permanent_failure("InvalidRow")
+        assert not is_permanent_failure("RateLimitError") and not is_permanent_failure("ServerError")
+        assert not is_permanent_failure("SomethingNobodyRaises")
+        assert is_fatal_failure("AuthenticationError") and is_fatal_failure("InsufficientBalanceError")
+        assert not is_fatal_failure("ContentPolicyError") and not is_fatal_failure("InvalidRow")
+
+    def test_flags_of_a_new_error_class_are_honoured(self):
+        from imagegen_provider.operators.image_generation import is_fatal_failure, is_permanent_failure
+        from imagegen_provider.wire.errors import ImageGenError
+
+        class RowTooSpicyError(ImageGenError):
+            permanent = True
+
+        class VaultSealedError(ImageGenError):
+            fatal = True
+
+        assert is_permanent_failure("RowTooSpicyError") and not is_fatal_failure("RowTooSpicyError")
+        assert is_fatal_failure("VaultSealedError") and not is_permanent_failure("VaultSealedError")
+
+    def test_a_fatal_kind_in_the_summary_fails_without_retry(self, tmp_path):
+        from imagegen_provider.engine.runner import RunSummary
+        from imagegen_provider.hooks._airflow import AirflowException
+        from imagegen_provider.operators.image_generation import AirflowFailException
+
+        op = ImageGenerationOperator(task_id="g", prompts_path="p", output_path=str(tmp_path))
+        common = {
+            "run_id": "r", "output_uri": "o", "metadata_uri": "m", "shard": "all", "total_images": 4,
+            "succeeded": 2, "skipped_existing": 0, "not_attempted": 0, "cost_usd": 0.0, "duration_s": 1.0,
+            "images_per_minute": 1.0,
+        }
+        with pytest.raises(AirflowFailException, match="AuthenticationError"):
+            op._raise_for(RunSummary(failed=2, failures_by_type={"AuthenticationError": 2}, **common))
+        with pytest.raises(AirflowException, match="2 of 4") as info:
+            op._raise_for(RunSummary(failed=2, failures_by_type={"RateLimitError": 2}, **common))
+        assert not isinstance(info.value, AirflowFailException)
+        op._raise_for(RunSummary(failed=2, failures_by_type={"ContentPolicyError": 1, "InvalidRow": 1}, **common))
