@@ -142,7 +142,7 @@ def markdown(results: dict[str, Any]) -> str:
         elif name == "overhead":
             base = case["baseline_cpu_ms_per_image"]
             rows = []
-            for key, r in case["clients"].items():
+            for r in case["clients"].values():
                 avg = r["work_cpu_ms_per_image"]
                 marginal = r.get("marginal_cpu_ms_per_image")
                 rows.append([r["label"], _f(avg, 2), _f(marginal, 2),

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bootstrap.sh "test,lint"
-.venv/bin/ruff check imagegen_provider tests bench dags
+.venv/bin/ruff check imagegen_provider imagegen_gateway tests bench dags
 .venv/bin/mypy

@@ -216,6 +216,8 @@ def test_options_are_never_abbreviated(tmp_path, capsys, gateway):
         (["--max-in-flight", "0"], "max_in_flight must be 1 or more"),
         (["--rpm", "-1"], "--rpm must not be negative"),
         (["--rpm", "0"], "rpm (requests_per_minute) must be above zero"),
+        (["--attempt-timeout", "0"], "attempt_timeout must be above zero"),
+        (["--max-response-bytes", "0"], "max_response_bytes must be above zero"),
         (["--max-cost", "nan"], "must be a finite number >= 0"),
         (["--images-per-prompt", "0"], "must be a finite number >= 1"),
         (["--price-as", "no-equals-sign"], "--price-as takes ALIAS=MODEL"),

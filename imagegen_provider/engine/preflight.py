@@ -64,6 +64,10 @@ def check_client_settings(settings: Any) -> None:
     check_positive("timeout (read_timeout)", settings.read_timeout)
     check_positive("connect_timeout", settings.connect_timeout)
     check_positive("max_attempts", settings.max_attempts)
+    check_positive("attempt_timeout", settings.attempt_timeout)
+    check_positive("max_response_bytes", settings.max_response_bytes)
+    check_positive("max_retry_after", settings.max_retry_after, allow_zero=True)
+    check_positive("breaker_seconds", settings.breaker_seconds, allow_zero=True)
     limits = settings.limits
     if limits.max_in_flight is None or limits.max_in_flight < 1:
         raise PreflightError(f"max_in_flight must be 1 or more, not {limits.max_in_flight!r}")

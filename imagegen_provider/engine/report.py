@@ -7,7 +7,7 @@ one run and succeeded on the next may have been paid twice, and both payments be
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import pandas as pd
 
@@ -53,7 +53,7 @@ def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any]
         .reset_index()
     )
     report["cost_usd"] = report["cost_usd"].round(6)
-    return cast(pd.DataFrame, report[columns])
+    return report[columns]
 
 
 def plot_cost_report(report: pd.DataFrame, path: str) -> str:
