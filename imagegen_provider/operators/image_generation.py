@@ -106,7 +106,7 @@ class _ConfigurationWarningsOncePerRun(logging.Filter):
         return True
 
 
-class _WritesDataset:
+class _WritesDataset(BaseOperator):
     """What both operators share: finalize the output, announce the dataset Asset, describe their lineage and
     stop cleanly when Airflow kills the task."""
 
@@ -162,14 +162,18 @@ class _WritesDataset:
         the metadata table out."""
         return self._lineage()
 
-    def _set_stores(
+    def __init__(
         self,
         *,
-        output_conn_id: str | None,
-        prompts_conn_id: str | None,
-        output_storage_options: Mapping[str, Any] | None,
-        prompts_storage_options: Mapping[str, Any] | None,
+        output_conn_id: str | None = None,
+        prompts_conn_id: str | None = None,
+        output_storage_options: Mapping[str, Any] | None = None,
+        prompts_storage_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
+        # Both operators take these (documented on each). A BaseOperator itself, so that Airflow finds them
+        # when it checks ``.partial()``/``.expand()`` arguments (it reads the operator ``__init__``s of the MRO).
+        super().__init__(**kwargs)
         self.output_conn_id = output_conn_id
         self.prompts_conn_id = prompts_conn_id
         self.output_storage_options = dict(output_storage_options) if output_storage_options else None
@@ -207,7 +211,7 @@ class _WritesDataset:
             context["outlet_events"][self.metadata_asset].extra = extra
 
 
-class ImageGenerationOperator(_WritesDataset, BaseOperator):
+class ImageGenerationOperator(_WritesDataset):
     """Generate one image per prompt (or ``images_per_prompt``) from a Parquet table into object storage.
 
     Images land under ``<output_path>/images/``, metadata rows under ``<output_path>/metadata/``; an
@@ -293,10 +297,6 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         prices: Mapping[str, Any] | None = None,
         metadata_asset: Asset | bool | None = None,
         progress_interval: float = 30.0,
-        output_conn_id: str | None = None,
-        prompts_conn_id: str | None = None,
-        output_storage_options: Mapping[str, Any] | None = None,
-        prompts_storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if metadata_asset is None:
@@ -331,10 +331,6 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         self.rate_limits = dict(rate_limits or {})
         self.prices = prices
         self.progress_interval = progress_interval
-        self._set_stores(
-            output_conn_id=output_conn_id, prompts_conn_id=prompts_conn_id,
-            output_storage_options=output_storage_options, prompts_storage_options=prompts_storage_options,
-        )
 
     @cached_property
     def hook(self) -> ImageGenerationHook:
@@ -491,7 +487,7 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             )
 
 
-class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
+class ImageDatasetFinalizeOperator(_WritesDataset):
     """After the mapped generation tasks: check completeness, compact the metadata into
     ``<output>/metadata.parquet`` (Hugging Face ``imagefolder`` layout), write ``run_summary.json`` and emit
     the dataset Asset.
@@ -522,10 +518,6 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
         id_column: str = "id",
         fail_if_incomplete: bool = False,
         metadata_asset: Asset | bool | None = None,
-        output_conn_id: str | None = None,
-        prompts_conn_id: str | None = None,
-        output_storage_options: Mapping[str, Any] | None = None,
-        prompts_storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if metadata_asset is None:
@@ -539,10 +531,6 @@ class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
         self.prompt_column = prompt_column
         self.id_column = id_column
         self.fail_if_incomplete = fail_if_incomplete
-        self._set_stores(
-            output_conn_id=output_conn_id, prompts_conn_id=prompts_conn_id,
-            output_storage_options=output_storage_options, prompts_storage_options=prompts_storage_options,
-        )
 
     def execute(self, context: Context) -> dict[str, Any]:
         report = self._finalize()

@@ -111,3 +111,16 @@ def test_a_connection_without_its_provider_fails_naming_the_parameter(tmp_path, 
     )
     with pytest.raises(ValueError, match=r"output_conn_id=.*memory://"):
         op.execute(make_context())
+
+
+def test_mapped_tasks_take_the_store_arguments():
+    from airflow.sdk import DAG
+
+    with DAG("stores_mapped", schedule=None):
+        mapped = ImageGenerationOperator.partial(
+            task_id="generate", prompts_path="s3://b/p.parquet", output_path="s3://b/out",
+            output_conn_id="aws_default", prompts_conn_id="aws_default", output_storage_options={"anon": False},
+        ).expand(shard=[{"start": 0, "stop": 2, "label": "a"}])
+    assert mapped.partial_kwargs["output_conn_id"] == "aws_default"
+    with pytest.raises(TypeError, match="output_con_id"):
+        ImageGenerationOperator.partial(task_id="typo", prompts_path="p", output_path="o", output_con_id="x")
