@@ -10,7 +10,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
         echo ">> redis-server not found and cannot be installed here: the Redis tests will be skipped" >&2
     fi
 fi
-source scripts/bootstrap.sh test
+source scripts/bootstrap.sh test,stores
 source scripts/env.sh
 # Tests get their own Airflow home so they never touch the demo's.
 export AIRFLOW_HOME="$IMAGEGEN_REPO/.airflow-test"
