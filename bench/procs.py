@@ -267,6 +267,18 @@ class ChildResult:
         return self.user_s + self.sys_s
 
 
+def _vm_hwm_kb(pid: int) -> int:
+    """Peak RSS of a live process's own address space, in kB (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class Child:
     """A client subprocess whose rusage we collect ourselves with ``os.wait4``."""
 
@@ -281,11 +293,15 @@ class Child:
         self._started = time.monotonic()
         self.proc = REGISTRY.spawn(argv, stdout=self._out, stderr=self._log, env=child_env())
         self.result: ChildResult | None = None
+        #: The child's own peak RSS (VmHWM), sampled while it runs: ``ru_maxrss`` from wait4 would carry this
+        #: harness's RSS at fork time across the child's exec.
+        self._hwm_kb = 0
 
     def poll(self) -> ChildResult | None:
         """Reap the child if it has exited (non-blocking)."""
         if self.result is not None:
             return self.result
+        self._hwm_kb = max(self._hwm_kb, _vm_hwm_kb(self.proc.pid))
         pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
         if pid == 0:
             return None
@@ -303,7 +319,7 @@ class Child:
             wall_s=time.monotonic() - self._started,
             user_s=usage.ru_utime,
             sys_s=usage.ru_stime,
-            maxrss_mb=usage.ru_maxrss / 1024.0,  # Linux: kilobytes
+            maxrss_mb=(self._hwm_kb or usage.ru_maxrss) / 1024.0,  # Linux: kilobytes
             started_unix=self.started_unix,
             ended_unix=time.time(),
             timed_out=timed_out,

@@ -22,6 +22,9 @@ MAX_IMAGE_PIXELS = 64_000_000
 #: chunk decodes completely, but is still a truncated file (and what else was lost is anyone's guess).
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
+#: The marker every JPEG ends with (EOI). libjpeg decodes a file cut just before it without complaint.
+_JPEG_END = b"\xff\xd9"
+
 #: The formats a request's ``output_format`` names, as Pillow spells them.
 _PILLOW_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 
@@ -68,8 +71,7 @@ def inspect_image(
             ) from None
     if not fmt or width <= 0 or height <= 0:
         raise MalformedResponseError("image header without format or size", request_id=request_id)
-    if fmt == "png" and not data.endswith(_PNG_END):
-        raise MalformedResponseError("truncated PNG (no IEND chunk at the end)", request_id=request_id)
+    _check_complete_file(fmt, data, request_id)
     expected = _PILLOW_FORMATS.get((expected_format or "").lower())
     if expected is not None and fmt != expected:
         raise MalformedResponseError(f"asked for {expected_format}, got {fmt}", request_id=request_id)
@@ -80,3 +82,14 @@ def inspect_image(
         sha256=hashlib.sha256(data).hexdigest(),
         num_bytes=len(data),
     )
+
+
+def _check_complete_file(fmt: str, data: bytes, request_id: str | None) -> None:
+    """The file ends where its format says it ends: a decoder may accept a file cut inside its trailer."""
+    if fmt == "png" and not data.endswith(_PNG_END):
+        raise MalformedResponseError("truncated PNG (no IEND chunk at the end)", request_id=request_id)
+    if fmt == "jpeg" and not data.rstrip(b"\x00").endswith(_JPEG_END):
+        raise MalformedResponseError("truncated JPEG (no end-of-image marker)", request_id=request_id)
+    # A RIFF file states its own length: the 4 bytes after "RIFF" count everything after them.
+    if fmt == "webp" and int.from_bytes(data[4:8], "little") + 8 != len(data):
+        raise MalformedResponseError("truncated WebP (RIFF length does not match)", request_id=request_id)

@@ -254,7 +254,7 @@ def test_connection_extras_and_cli_options_mean_the_same_settings():
         "images_per_minute": 30, "max_in_flight": 4, "rate_limit_backend": "redis://127.0.0.1:6379/0",
         "timeout": 120, "connect_timeout": 3, "attempt_timeout": 200, "max_attempts": 7, "max_retry_after": 60,
         "breaker_seconds": 90, "accepts_seed": True, "max_response_bytes": 1000, "allow_private_image_urls": True,
-        "prices": {"m": 0.1}, "local_gateway": {"rpm": 5},
+        "prices": {"m": 0.1}, "price_as": {"alias": "dall-e-3"}, "local_gateway": {"rpm": 5},
     }
     from_connection = ClientSettings.from_connection(host="ignored", password=KEY, extra=extra, namespace="cli")
     argv = []
