@@ -16,6 +16,7 @@ from bench import metrics
 from bench.machine import LoadMeter, code_fingerprint
 from bench.procs import BenchError, Child, ChildResult, Gateway, Redis, wait_children
 from bench.prompts import make_table, prompt_texts
+from bench.storage import case_storage
 
 # -- parameters and targets -----------------------------------------------------------------------------
 
@@ -54,6 +55,8 @@ TARGETS = {
     "memory_ratio": ("<=", 1.3, "peak RSS, large ÷ small prompt table ≤ 1.3"),
     "batch_memory_ratio": ("<=", 1.3, "batch mode: peak RSS collecting the large ÷ the small batch ≤ 1.3"),
     "batch_cost_ratio": ("<=", 0.5, "batch mode: cost per image batch ÷ sync ≤ 0.5"),
+    "storage_requests_per_image": ("<=", 1.5, "object store: storage requests per image ≤ 1.5"),
+    "storage_speed_ratio": (">=", 0.67, "object store: images/s to Azurite ≥ 0.67 × local folder"),
 }
 
 #: dall-e-2 256x256 as b64_json: the smallest image the gateway renders for a documented model.
@@ -649,6 +652,7 @@ CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "memory": case_memory,
     "scaleout": case_scaleout,
     "batch": case_batch,
+    "storage": case_storage,
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench import metrics
 from bench.cases import TARGETS
+from bench.storage import markdown as storage_markdown
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -126,6 +127,8 @@ def markdown(results: dict[str, Any]) -> str:
                 ["worker", "succeeded", "failed", "run s", "process wall s", "CPU s", "peak RSS MB"],
                 [[str(w["worker"]), str(w["succeeded"]), str(w["failed"]), _s(w["run_duration_s"]),
                   _s(w["process_wall_s"]), _s(w["cpu_s"]), _mb(w["peak_rss_mb"])] for w in r["workers"]])]
+        elif name == "storage":
+            lines += storage_markdown(case)
         elif name == "faults":
             lines += _table(
                 ["client", "completion", "attempts/image", "retries", "charged images", "images kept",

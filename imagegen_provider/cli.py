@@ -51,6 +51,56 @@ def _number(*, minimum: float, inclusive: bool, kind: type = float) -> Any:
     return parse
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object given inline or as ``@path``. The text is never echoed back: it holds credentials."""
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON (line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not a {type(value).__name__}")
+    return value
+
+
+def _add_storage_arguments(parser: argparse.ArgumentParser, *, output: bool = True, prompts: bool = True) -> None:
+    storage = parser.add_argument_group(
+        "storage",
+        "fsspec options of the stores (credentials, endpoints), as JSON or @file.json; without them fsspec's "
+        "usual environment variables and config files apply. Never printed or logged; prefer @file.json or the "
+        "environment for secrets, since a command line is visible to other users of the machine.",
+    )
+    if output:
+        storage.add_argument(
+            "--storage-options", type=_json_object, metavar="JSON",
+            help='Options of the output\'s filesystem, e.g. \'{"connection_string": "..."}\' for az://, '
+            '\'{"profile": "data"}\' for s3://.',
+        )
+    if prompts:
+        storage.add_argument(
+            "--prompts-storage-options", type=_json_object, metavar="JSON",
+            help="Options of the prompt table's filesystem (default: the output's, when both use the same protocol).",
+        )
+
+
+def _storage_options(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(prompts, output) storage options; the prompt table shares the output's when on the same protocol."""
+    from fsspec.core import split_protocol
+
+    output = getattr(args, "storage_options", None)
+    prompts = getattr(args, "prompts_storage_options", None)
+    output_url = getattr(args, "output", None)
+    if prompts is None and output is not None and output_url is not None and getattr(args, "prompts", None):
+        same = (split_protocol(str(args.prompts))[0] or "file") == (split_protocol(str(output_url))[0] or "file")
+        prompts = output if same else None
+    return prompts, output
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", help="Parquet prompt table: a path or any fsspec URL (s3://, gs://, memory://).")
     parser.add_argument("output", help="Output folder: images/, metadata/, metadata.parquet, run_summary.json.")
@@ -77,6 +127,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--dry-run", action="store_true", help="Count images and estimate cost; call nothing.")
     batch.add_argument("--no-finalize", action="store_true", help="Skip writing metadata.parquet (for shards).")
     batch.add_argument("--progress-interval", type=_number(minimum=0, inclusive=False), default=10.0)
+    batch.add_argument("--flush-rows", type=_number(minimum=1, inclusive=True, kind=int), default=1000,
+                       help="Metadata rows per Parquet part (default 1000).")
     batch.add_argument("--json", action="store_true", help="Print the summary as JSON only.")
 
 
@@ -101,7 +153,10 @@ def _run_config(args: argparse.Namespace, settings: Any) -> Any:
         if getattr(args, name) is not None:
             defaults[name] = getattr(args, name)
     start, stop = args.rows or (0, None)
+    prompts_options, output_options = _storage_options(args)
     return RunConfig(
+        prompts_storage_options=prompts_options,
+        output_storage_options=output_options,
         prompts=args.prompts,
         output=args.output,
         request_defaults=defaults,
@@ -118,6 +173,7 @@ def _run_config(args: argparse.Namespace, settings: Any) -> Any:
         # The bundled gateway charges play money: rows say so.
         simulated=not args.base_url,
         progress_interval=args.progress_interval,
+        flush_rows=args.flush_rows,
     )
 
 
@@ -177,6 +233,8 @@ async def _run(args: argparse.Namespace, received: list[int] | None = None) -> d
             images_per_prompt=args.images_per_prompt,
             row_start=config.row_start,
             row_stop=config.row_stop,
+            output_storage_options=config.output_storage_options,
+            prompts_storage_options=config.prompts_storage_options,
         )
         result["dataset"] = report.brief()
     return result
@@ -256,9 +314,12 @@ def _cmd_finalize(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start, stop = args.rows or (0, None)
+    prompts_options, output_options = _storage_options(args)
     try:
         report = finalize_output(
             args.output,
+            output_storage_options=output_options,
+            prompts_storage_options=prompts_options,
             prompts=args.prompts,
             prompt_column=args.prompt_column,
             id_column=args.id_column,
@@ -294,6 +355,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             max_shards=args.max_shards,
             prompt_column=args.prompt_column,
             id_column=args.id_column,
+            storage_options=args.prompts_storage_options,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -325,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(run)
     add_batch_arguments(run)
+    _add_storage_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     gateway = commands.add_parser(
@@ -347,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     finalize.add_argument("--verify", action="store_true", help="Also compare every image's sha256 with its record.")
     finalize.add_argument("--no-contact-sheet", action="store_true", help="Do not write contact_sheet.png.")
     _add_column_arguments(finalize)
+    _add_storage_arguments(finalize)
     finalize.set_defaults(func=_cmd_finalize)
 
     sheet = commands.add_parser("contact-sheet", help="Write contact_sheet.png: every image as a captioned thumbnail.")
@@ -361,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--shard-size", type=int, default=1000)
     plan.add_argument("--max-shards", type=int, default=1024)
     _add_column_arguments(plan)
+    _add_storage_arguments(plan, output=False)
     plan.set_defaults(func=_cmd_plan)
     return parser
 

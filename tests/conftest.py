@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on loopback (the bundled gateway, an S3-compatible server, Redis)."""
+"""Shared fixtures: real servers on loopback (the bundled gateway, an S3-compatible server, an Azure Blob emulator,
+Redis)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,61 @@ def s3_server() -> Iterator[dict]:
         fs.call_s3("create_bucket", Bucket="imagegen-test")
         fs.invalidate_cache()
         yield {"endpoint": endpoint, "storage_options": options, "bucket": "imagegen-test"}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+#: The published development account of Azure's storage emulators (documented by Microsoft, not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def _azurite_binary() -> str | None:
+    local = REPO / ".tools" / "node_modules" / ".bin" / "azurite-blob"
+    if local.exists():
+        return str(local)
+    return shutil.which("azurite-blob")
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory) -> Iterator[dict]:
+    """Azurite's blob service (``scripts/install-azurite.sh``) on a free loopback port, with a container
+    ``imagegen-test``, reached through the development account's connection string."""
+    binary = _azurite_binary()
+    if binary is None or shutil.which("node") is None:
+        pytest.skip("Azurite is not installed (scripts/install-azurite.sh; needs Node.js and npm)")
+    try:
+        import adlfs
+    except ImportError:
+        pytest.skip("adlfs is not installed (pip install -e .[azure])")
+    port = free_port()
+    location = tmp_path_factory.mktemp("azurite")
+    debug_log = location / "debug.log"
+    process = subprocess.Popen(
+        [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location / "data"),
+         "--skipApiVersionCheck", "--loose", "--silent", "--disableTelemetry", "--debug", str(debug_log)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+        connection_string = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={endpoint};"
+        )
+        options = {"connection_string": connection_string}
+        adlfs.AzureBlobFileSystem(**options, skip_instance_cache=True).mkdir("imagegen-test")
+        yield {
+            "endpoint": endpoint,
+            "connection_string": connection_string,
+            "storage_options": options,
+            "container": "imagegen-test",
+            "account": AZURITE_ACCOUNT,
+            "key": AZURITE_KEY,
+            "debug_log": debug_log,
+        }
     finally:
         process.terminate()
         process.wait(timeout=10)

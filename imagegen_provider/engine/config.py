@@ -54,8 +54,9 @@ class RunConfig:
     labels: Mapping[str, str | None] = field(default_factory=dict)
     provider: str | None = None
     simulated: bool = False
-    prompts_storage_options: Mapping[str, Any] | None = None
-    output_storage_options: Mapping[str, Any] | None = None
+    #: fsspec options (credentials): kept out of the repr, which tracebacks and debuggers print.
+    prompts_storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    output_storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
     progress_interval: float = 30.0
     flush_rows: int = 1000
     flush_seconds: float = 30.0

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imagegen_provider.engine.logs import quiet_storage_logs
 from imagegen_provider.engine.metadata import (
     JOURNAL_DIR,
     METADATA_DIR,
@@ -319,6 +320,7 @@ def _contact_sheet(location: StorageLocation, current: pd.DataFrame) -> list[str
 # -- the whole -------------------------------------------------------------------------------------------
 
 
+@quiet_storage_logs()
 def finalize_output(
     output: Any,
     *,

@@ -1,6 +1,6 @@
 """The metadata table: a Parquet dataset under ``<output>/metadata/``, written incrementally.
 
-Every finished image (succeeded or failed) is first written as a small JSON journal entry under
+Every finished image (succeeded or failed) is first written to a JSON-lines journal entry under
 ``metadata/_journal/<writer>/`` so that a crash loses at most the rows still in flight; rows are then
 gathered into Parquet part files (``metadata/part-*.parquet``) and their journal entries removed. Readers
 (pandas, DuckDB, pyarrow) ignore the ``_journal`` folder, as they ignore every ``_``-prefixed path.
@@ -8,11 +8,19 @@ gathered into Parquet part files (``metadata/part-*.parquet``) and their journal
 Each attempt appears in ``metadata/*.parquet`` exactly once, whatever instant a process is killed at: a part
 records in its footer which journal entries it folds (and is named after them), so entries left behind by a
 kill between writing a part and deleting them are recognised as folded and deleted, never folded again.
+
+Request economy (object stores bill and throttle per request): a journal entry holds a *group* of rows — the
+rows that finished while the previous entry was being written, up to ``group_rows``, or those that finished
+within ``group_seconds`` of the group's first (a group commit). :meth:`MetadataSink.add` returns only once its
+row's group is durable, and the runner holds the row's request slot until then, so the crash guarantee is
+unchanged: at most ``max_in_flight`` paid images are ever off the record. A part's journal entries are deleted
+in bounded batches, so that a fold never floods the store's connection pool ahead of the image uploads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,6 +57,25 @@ def _from_json(data: bytes) -> dict[str, Any]:
         if isinstance(row.get(key), str):
             row[key] = datetime.fromisoformat(row[key])
     return row
+
+
+def _entry_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
+    return b"\n".join(_to_json(row) for row in rows) + b"\n"
+
+
+def _entry_rows(data: bytes) -> list[dict[str, Any]]:
+    """The rows of a journal entry: JSON lines (an entry of one row is one JSON object, as before groups)."""
+    return [_from_json(line) for line in data.splitlines() if line.strip()]
+
+
+#: Journal entries deleted per request batch: bounded so that a fold never queues hundreds of deletes on the
+#: store's connection pool ahead of the image uploads (s3fs sends a batch as one bulk delete).
+DELETE_BATCH = 64
+
+
+def remove_in_batches(location: StorageLocation, relatives: list[str], batch: int = DELETE_BATCH) -> None:
+    for start in range(0, len(relatives), batch):
+        location.remove(relatives[start : start + batch])
 
 
 #: Parquet footer key of a part: the journal entries it folds (see :func:`encode_entries`).
@@ -113,6 +140,11 @@ class MetadataSink:
         rerun can fold in the journal its crashed predecessor left.
     :param flush_rows: rows per Parquet part.
     :param flush_seconds: write a part at least this often while rows arrive.
+    :param group_rows: rows per journal entry at most; the runner passes its ``max_in_flight``, since once
+        that many rows wait for their entry no request slot is free to finish another.
+    :param group_seconds: how long a row may wait for others to share its journal entry. Default: 0 on a
+        local filesystem (rows that finish while an entry is written share the next one), 0.5 s on object
+        stores, where every entry is a billed request.
     """
 
     def __init__(
@@ -122,17 +154,27 @@ class MetadataSink:
         writer: str,
         flush_rows: int = 1000,
         flush_seconds: float = 30.0,
+        group_rows: int = 64,
+        group_seconds: float | None = None,
     ) -> None:
         self.location = location
         self.writer = writer
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
+        self.group_rows = max(1, group_rows)
+        self.group_seconds = (0.0 if location.is_local else 0.5) if group_seconds is None else group_seconds
         self._buffer: list[dict[str, Any]] = []
         self._journal: list[str] = []
         self._last_flush = time.monotonic()
         self._seq = 0
         self._token = uuid.uuid4().hex[:8]
         self._lock = asyncio.Lock()
+        #: Rows waiting for a journal entry, each with the future its :meth:`add` awaits.
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._first_waiting = 0.0
+        self._arrived = asyncio.Event()
+        self._draining = False
+        self._group_writer: asyncio.Task[None] | None = None
         self.parts_written: list[str] = []
 
     @property
@@ -140,17 +182,71 @@ class MetadataSink:
         return f"{JOURNAL_DIR}/{self.writer}"
 
     async def add(self, row: dict[str, Any]) -> None:
-        """Make ``row`` durable (journal) and queue it for the next part."""
-        self._seq += 1
-        relative = f"{self.journal_dir}/{self._token}-{self._seq:08d}.json"
-        # Atomic: an empty or truncated entry left by a kill would make every later recovery fail.
-        await asyncio.to_thread(self.location.write_bytes, relative, _to_json(row), atomic=True)
-        self._buffer.append(row)
-        self._journal.append(relative)
+        """Make ``row`` durable (in a journal entry, with the rows grouped with it) and queue it for the next
+        part. Raises what the entry's write raised: the row is then on no record."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._waiting:
+            self._first_waiting = time.monotonic()
+        self._waiting.append((row, done))
+        self._arrived.set()
+        if self._group_writer is None or self._group_writer.done():
+            self._group_writer = asyncio.create_task(self._write_groups())
+        await done
         if len(self._buffer) >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
             await self.flush()
 
+    async def _write_groups(self) -> None:
+        """Write waiting rows as journal entries, a group at a time, until none wait."""
+        while self._waiting:
+            await self._gather_group()
+            group, self._waiting = self._waiting[: self.group_rows], self._waiting[self.group_rows :]
+            self._first_waiting = time.monotonic()
+            rows = [row for row, _ in group]
+            try:
+                entry = await asyncio.to_thread(self._write_entry, rows)
+            except Exception as exc:  # every row of the group is off the record: each caller hears why
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            self._buffer.extend(rows)
+            self._journal.append(entry)
+            for _, done in group:
+                if not done.done():
+                    done.set_result(None)
+
+    async def _gather_group(self) -> None:
+        """Wait until a full group waits, the first waiting row has waited ``group_seconds``, or a flush
+        asks for everything now."""
+        while len(self._waiting) < self.group_rows and not self._draining:
+            remaining = self._first_waiting + self.group_seconds - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def _write_entry(self, rows: list[dict[str, Any]]) -> str:
+        self._seq += 1
+        relative = f"{self.journal_dir}/{self._token}-{self._seq:08d}.json"
+        # Atomic: an empty or truncated entry left by a kill would make every later recovery fail.
+        self.location.write_bytes(relative, _entry_bytes(rows), atomic=True)
+        return relative
+
+    async def _drain(self) -> None:
+        """Write every waiting row's entry now (no lingering)."""
+        writer = self._group_writer
+        if writer is None or writer.done():
+            return
+        self._draining = True
+        self._arrived.set()
+        try:
+            await asyncio.shield(writer)
+        finally:
+            self._draining = False
+
     async def flush(self) -> None:
+        await self._drain()
         async with self._lock:
             if not self._buffer:
                 return
@@ -163,7 +259,7 @@ class MetadataSink:
         self.parts_written.append(write_part(self.location, rows_to_table(rows), self.writer, journal))
         # The part is durable and names these entries: they are now redundant (a kill before or during this
         # removal leaves entries that the next recovery finds folded and only deletes).
-        self.location.remove(journal)
+        remove_in_batches(self.location, journal)
         # Arrow's allocator (mimalloc) keeps freed pages for reuse; a long run writes hundreds of parts and
         # its resident memory would grow with the table instead of staying flat (bench: memory case).
         pa.default_memory_pool().release_unused()
@@ -225,22 +321,22 @@ def recover_journal(location: StorageLocation, journal_dir: str = JOURNAL_DIR) -
         done = [e for e in entries if e in folded]
         pending = [e for e in entries if e not in folded]
         if pending:
-            rows = [_from_json(location.read_bytes(entry)) for entry in pending]
+            rows = [row for entry in pending for row in _entry_rows(location.read_bytes(entry))]
             write_part(location, rows_to_table(rows), writer.replace("/", "_"), pending)
             recovered += len(rows)
-        location.remove(done + pending)
+        remove_in_batches(location, done + pending)
     if recovered:
         log.info("Recovered %d metadata rows from the journal of an interrupted run", recovered)
     return recovered
 
 
-def _read_journal(location: StorageLocation) -> dict[str, dict[str, Any]]:
+def _read_journal(location: StorageLocation) -> dict[str, list[dict[str, Any]]]:
     rows = {}
     for entry in location.list_files(JOURNAL_DIR, suffix=".json"):
         if is_temp_file(entry):
             continue
         try:
-            rows[entry] = _from_json(location.read_bytes(entry))
+            rows[entry] = _entry_rows(location.read_bytes(entry))
         except FileNotFoundError:
             continue  # folded and deleted since the listing: the part holding it is listed below
     return rows
@@ -262,7 +358,7 @@ def read_metadata(location: StorageLocation, columns: Iterable[str] | None = Non
             tables.append(pq.read_table(handle, columns=wanted, schema=METADATA_SCHEMA).cast(schema))
     if journal:
         folded = folded_entries(location, parts)
-        pending = [row for entry, row in journal.items() if entry not in folded]
+        pending = [row for entry, rows in journal.items() if entry not in folded for row in rows]
         if pending:
             tables.append(rows_to_table(pending).select(wanted))
     if not tables:

@@ -26,6 +26,7 @@ from imagegen_provider.engine.budget import BlindSpending, Budget, BudgetExceede
 from imagegen_provider.engine.config import RunConfig, RunSummary
 from imagegen_provider.engine.keys import image_file_name
 from imagegen_provider.engine.lease import Lease
+from imagegen_provider.engine.logs import quiet_storage_logs
 from imagegen_provider.engine.metadata import METADATA_DIR, MetadataSink
 from imagegen_provider.engine.plan import ImageJob, images_of, jobs_for_row
 from imagegen_provider.engine.preflight import check_output_writable, check_table_readable
@@ -238,6 +239,10 @@ class BatchRunner:
         :raises OutputWriteError: the output refused a write; dispatch stopped, paid rows it refused are in
             the rescue ledger named in the message.
         """
+        with quiet_storage_logs():
+            return await self._run()
+
+    async def _run(self) -> RunSummary:
         started = time.monotonic()
         self._loop = asyncio.get_running_loop()
         table = await asyncio.to_thread(self._open_table)
@@ -264,7 +269,11 @@ class BatchRunner:
     async def _execute(self, table: PromptTable, total: int, lease: Lease) -> Progress:
         # The runner decides when parts are written (see _maybe_flush): a failed journal write and a failed
         # part write then stay apart, and only the first loses a row (into the rescue ledger).
-        sink = MetadataSink(self.output, writer=self.config.shard_label, flush_rows=1 << 62, flush_seconds=1e18)
+        sink = MetadataSink(
+            self.output, writer=self.config.shard_label, flush_rows=1 << 62, flush_seconds=1e18,
+            # Rows hold their request slot until journaled: once every slot waits, a journal group is complete.
+            group_rows=max(1, self.client.limiter.limits.max_in_flight) if self.client is not None else 64,
+        )
         await asyncio.to_thread(sink.recover)
         await self._import_rescued(sink)
         state = await asyncio.to_thread(ResumeState.load, self.output)
@@ -291,15 +300,14 @@ class BatchRunner:
         """Put what an earlier run could not write (see :mod:`.rescue`) into the output: the rows it could not
         record, then the images it could not store, each followed by its row."""
         for ledger, rows in await asyncio.to_thread(self.rescue.pending, "ledger"):
-            for row in rows:
-                await sink.add(row.to_dict())
+            # Together, so that they share journal entries (one by one, each would wait out group_seconds).
+            await asyncio.gather(*(sink.add(row.to_dict()) for row in rows))
             await sink.flush()
             await asyncio.to_thread(ledger.unlink)
             log.warning("Imported %d paid rows an earlier run could not record, from %s", len(rows), ledger)
         for ledger, rows in await asyncio.to_thread(self.rescue.pending, "images"):
             restored = [row for row in rows if await asyncio.to_thread(self._restore_image, ledger, row)]
-            for row in restored:
-                await sink.add(row.to_dict())
+            await asyncio.gather(*(sink.add(row.to_dict()) for row in restored))
             await sink.flush()
             await asyncio.to_thread(ledger.unlink)
             log.warning("Stored %d paid images an earlier run could not store, from %s", len(restored), ledger)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import posixpath
@@ -32,6 +33,26 @@ def _is_local(fs: AbstractFileSystem) -> bool:
     return any(p in ("file", "local") for p in protocols)
 
 
+_RM_TAKES_EXPAND_PATH: dict[type, bool] = {}
+
+
+def _rm_takes_expand_path(fs_class: type) -> bool:
+    if fs_class not in _RM_TAKES_EXPAND_PATH:
+        rm = getattr(fs_class, "_rm", None)
+        try:
+            takes = rm is not None and "expand_path" in inspect.signature(rm).parameters
+        except (TypeError, ValueError):
+            takes = False
+        _RM_TAKES_EXPAND_PATH[fs_class] = takes
+    return _RM_TAKES_EXPAND_PATH[fs_class]
+
+
+def _exact_paths(fs: AbstractFileSystem) -> dict[str, Any]:
+    """``rm`` arguments for a list of exact file paths: adlfs otherwise asks the store about each path (one
+    request per file) before deleting it, doubling the cost of every journal cleanup."""
+    return {"expand_path": False} if _rm_takes_expand_path(type(fs)) else {}
+
+
 @dataclass
 class StorageLocation:
     """A root folder and the filesystem it lives on.
@@ -42,6 +63,9 @@ class StorageLocation:
 
     fs: AbstractFileSystem
     root: str
+    #: The scheme the user wrote (``az`` rather than adlfs's first name ``abfs``): URIs we hand back keep it,
+    #: since users look their images up by the URL they gave. ``None``: the filesystem's own.
+    protocol: str | None = None
     #: Folders known to exist, most recent last; bounded, since every prompt id has its own folder.
     _made_dirs: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
 
@@ -52,22 +76,37 @@ class StorageLocation:
         if isinstance(url, StorageLocation):
             return url
         if not isinstance(url, str) and hasattr(url, "fs") and hasattr(url, "path"):
-            return cls(fs=url.fs, root=str(url.path).rstrip("/") or "/")
+            protocol = getattr(url, "protocol", None)
+            return cls(fs=url.fs, root=str(url.path).rstrip("/") or "/", protocol=protocol or None)
         fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
-        return cls(fs=fs, root=root.rstrip("/") or "/")
+        protocol, _ = fsspec.core.split_protocol(str(url))
+        return cls(fs=fs, root=root.rstrip("/") or "/", protocol=protocol)
+
+    def _as_written(self, path: str) -> str:
+        uri = str(self.fs.unstrip_protocol(path))
+        scheme, sep, rest = uri.partition("://")
+        names = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if sep and self.protocol and self.protocol != scheme and self.protocol in names:
+            return f"{self.protocol}://{rest}"
+        return uri
+
+    @property
+    def is_local(self) -> bool:
+        """On a local filesystem (no per-request cost or latency)."""
+        return _is_local(self.fs)
 
     @property
     def uri(self) -> str:
-        return str(self.fs.unstrip_protocol(self.root))
+        return self._as_written(self.root)
 
     def path(self, relative: str) -> str:
         return posixpath.join(self.root, relative)
 
     def uri_of(self, relative: str) -> str:
-        return str(self.fs.unstrip_protocol(self.path(relative)))
+        return self._as_written(self.path(relative))
 
     def child(self, relative: str) -> StorageLocation:
-        return StorageLocation(fs=self.fs, root=self.path(relative))
+        return StorageLocation(fs=self.fs, root=self.path(relative), protocol=self.protocol)
 
     def _ensure_parent(self, path: str) -> None:
         # Object stores have no folders; only local filesystems need them made before writing.
@@ -147,5 +186,6 @@ class StorageLocation:
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found if p.endswith(suffix))
 
     def remove(self, relatives: list[str]) -> None:
+        """Delete these files (exact paths, no globs or folders)."""
         if relatives:
-            self.fs.rm([self.path(r) for r in relatives])
+            self.fs.rm([self.path(r) for r in relatives], **_exact_paths(self.fs))

@@ -18,6 +18,7 @@ from imagegen_provider.engine.runner import BatchRunner, RunConfig, RunSummary
 from imagegen_provider.engine.shards import DEFAULT_MAX_SHARDS, plan_shards
 from imagegen_provider.hooks._airflow import AirflowException, AirflowFailException
 from imagegen_provider.hooks.image_generation import ImageGenerationHook
+from imagegen_provider.hooks.storage import resolve_store
 from imagegen_provider.operators._batch import MAX_DEFERRALS, BatchSettings, check_event
 from imagegen_provider.operators.links import ImageOutputLink, RunSummaryLink
 from imagegen_provider.transport.client import quiet_request_logs
@@ -107,12 +108,17 @@ class _ConfigurationWarningsOncePerRun(logging.Filter):
         return True
 
 
-class _WritesDataset:
+class _WritesDataset(BaseOperator):
     """What both operators share: finalize the output, announce the dataset Asset, describe their lineage and
     stop cleanly when Airflow kills the task."""
 
     output_path: Any
     prompts_path: Any
+    output_conn_id: str | None = None
+    prompts_conn_id: str | None = None
+    #: fsspec options of the stores: credentials, so never templated (rendered fields are shown in the UI).
+    output_storage_options: Mapping[str, Any] | None = None
+    prompts_storage_options: Mapping[str, Any] | None = None
     prompt_column: str
     id_column: str
     images_per_prompt: int
@@ -158,10 +164,45 @@ class _WritesDataset:
         the metadata table out."""
         return self._lineage()
 
+    def __init__(
+        self,
+        *,
+        output_conn_id: str | None = None,
+        prompts_conn_id: str | None = None,
+        output_storage_options: Mapping[str, Any] | None = None,
+        prompts_storage_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Both operators take these (documented on each). A BaseOperator itself, so that Airflow finds them
+        # when it checks ``.partial()``/``.expand()`` arguments (it reads the operator ``__init__``s of the MRO).
+        super().__init__(**kwargs)
+        self.output_conn_id = output_conn_id
+        self.prompts_conn_id = prompts_conn_id
+        self.output_storage_options = dict(output_storage_options) if output_storage_options else None
+        self.prompts_storage_options = dict(prompts_storage_options) if prompts_storage_options else None
+
+    def _stores(self) -> tuple[tuple[Any, Mapping[str, Any] | None], tuple[Any, Mapping[str, Any] | None]]:
+        """(prompts, storage options) and (output, storage options) as the engine takes them: through the
+        stores' Airflow connections when given (see :mod:`imagegen_provider.hooks.storage`)."""
+        prompts = (self.prompts_path, self.prompts_storage_options)
+        if self.prompts_path is not None:
+            prompts = resolve_store(
+                self.prompts_path, conn_id=self.prompts_conn_id, storage_options=self.prompts_storage_options,
+                role="prompts",
+            )
+        output = resolve_store(
+            self.output_path, conn_id=self.output_conn_id, storage_options=self.output_storage_options,
+            role="output",
+        )
+        return prompts, output
+
     def _finalize(self) -> FinalizeReport:
+        (prompts, prompts_options), (output, output_options) = self._stores()
         return finalize_output(
-            self.output_path,
-            prompts=self.prompts_path,
+            output,
+            output_storage_options=output_options,
+            prompts_storage_options=prompts_options,
+            prompts=prompts,
             prompt_column=self.prompt_column,
             id_column=self.id_column,
             images_per_prompt=self.images_per_prompt,
@@ -172,7 +213,7 @@ class _WritesDataset:
             context["outlet_events"][self.metadata_asset].extra = extra
 
 
-class ImageGenerationOperator(_WritesDataset, BaseOperator):
+class ImageGenerationOperator(_WritesDataset):
     """Generate one image per prompt (or ``images_per_prompt``) from a Parquet table into object storage.
 
     Images land under ``<output_path>/images/``, metadata rows under ``<output_path>/metadata/``; an
@@ -181,6 +222,12 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
 
     :param prompts_path: Parquet prompt table: any fsspec URL, or an ``ObjectStoragePath``. (templated)
     :param output_path: output folder: any fsspec URL, or an ``ObjectStoragePath``. (templated)
+    :param output_conn_id: an Airflow connection for the output's store (an ``aws`` connection for ``s3://``,
+        ``adls`` for ``abfs://``/``az://``, ``google_cloud_platform`` for ``gs://``; needs the store's provider).
+    :param prompts_conn_id: the same for the prompt table's store.
+    :param output_storage_options: fsspec options of the output's store (alone, or on top of the connection).
+        Not templated: they hold credentials.
+    :param prompts_storage_options: the same for the prompt table's store.
     :param imagegen_conn_id: the ``imagegen`` connection.
     :param model: model name; default: the connection's ``model`` extra. (templated)
     :param size: e.g. ``1024x1024``. (templated)
@@ -320,9 +367,12 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
         shard = dict(self.shard or {})
         settings = self.hook.settings
         prices = {**(settings.prices or {}), **(self.prices or {})} or None
+        (prompts, prompts_options), (output, output_options) = self._stores()
         return RunConfig(
-            prompts=self.prompts_path,
-            output=self.output_path,
+            prompts=prompts,
+            output=output,
+            prompts_storage_options=prompts_options,
+            output_storage_options=output_options,
             request_defaults=self._request_defaults(),
             prompt_column=self.prompt_column,
             id_column=self.id_column,
@@ -476,13 +526,19 @@ class ImageGenerationOperator(_WritesDataset, BaseOperator):
             )
 
 
-class ImageDatasetFinalizeOperator(_WritesDataset, BaseOperator):
+class ImageDatasetFinalizeOperator(_WritesDataset):
     """After the mapped generation tasks: check completeness, compact the metadata into
     ``<output>/metadata.parquet`` (Hugging Face ``imagefolder`` layout), write ``run_summary.json`` and emit
     the dataset Asset.
 
     :param output_path: the output folder of the generation tasks. (templated)
     :param prompts_path: the prompt table, to know which images are expected. (templated)
+    :param output_conn_id: an Airflow connection for the output's store (an ``aws`` connection for ``s3://``,
+        ``adls`` for ``abfs://``/``az://``, ``google_cloud_platform`` for ``gs://``; needs the store's provider).
+    :param prompts_conn_id: the same for the prompt table's store.
+    :param output_storage_options: fsspec options of the output's store (alone, or on top of the connection).
+        Not templated: they hold credentials.
+    :param prompts_storage_options: the same for the prompt table's store.
     :param images_per_prompt: as given to the generation tasks.
     :param fail_if_incomplete: fail when an image is missing or failed (its rows are listed in the log).
     :param metadata_asset: the Asset emitted; default: derived from a non-templated ``output_path``.
@@ -560,11 +616,18 @@ def plan_prompt_shards(
     max_shards: int = DEFAULT_MAX_SHARDS,
     prompt_column: str = "prompt",
     id_column: str = "id",
+    prompts_conn_id: str | None = None,
+    prompts_storage_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Shard descriptors for ``ImageGenerationOperator.partial(...).expand(shard=...)``, from the table's
-    Parquet footer only. Call it from a ``@task``; keep ``max_shards`` at or under ``[core] max_map_length``."""
+    Parquet footer only. Call it from a ``@task``; keep ``max_shards`` at or under ``[core] max_map_length``.
+    ``prompts_conn_id`` and ``prompts_storage_options`` reach the table's store as in the operators."""
+    prompts, options = resolve_store(
+        prompts_path, conn_id=prompts_conn_id, storage_options=prompts_storage_options, role="prompts"
+    )
     return plan_shards(
-        prompts_path,
+        prompts,
+        storage_options=options,
         shard_size=shard_size,
         max_shards=max_shards,
         prompt_column=prompt_column,

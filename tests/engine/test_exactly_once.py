@@ -147,15 +147,15 @@ async def test_crashed_and_resumed_run_counts_each_paid_image_once_in_duckdb(tmp
     ids, texts = numbered(total)
     prompts = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     output = tmp_path / "out"
-    # flush_rows=4: a part every 4 images; the first part's journal entries are never deleted. The "kill"
-    # surfaces from the run (inside the runner's task group), as a real crash would end it.
+    # The kill surfaces from the runner's task group (alone, or grouped with the tasks it cut short).
     with crash_once(monkeypatch, "after_part_before_delete"), pytest.raises((Killed, BaseExceptionGroup)):
+        # flush_rows=4: a part every 4 images; the first part's journal entries are never deleted.
         await run_batch(gateway, prompts=prompts, output=str(output), flush_rows=4, max_in_flight=2)
     assert list((output / "metadata" / "_journal").rglob("*.json"))  # the kill's leftovers
     summary = await run_batch(gateway, prompts=prompts, output=str(output), flush_rows=4)
-    assert summary.skipped_existing + summary.succeeded == total and summary.skipped_existing > 0
-    charged = gateway.stats()["charged_images"]
-    assert charged == total
+    assert summary.skipped_existing >= 4 and summary.skipped_existing + summary.succeeded == total
+    # Paid twice: at most the two requests in flight when the first run was killed.
+    assert total <= gateway.stats()["charged_images"] <= total + 2
 
     query = (
         "select model, count(*) filter (where status = 'succeeded') as images, sum(cost_usd) as usd "
@@ -164,7 +164,7 @@ async def test_crashed_and_resumed_run_counts_each_paid_image_once_in_duckdb(tmp
     result = duckdb.sql(query).fetchall()
     assert len(result) == 1
     model, images, usd = result[0]
-    assert (model, images) == ("dall-e-2", charged)
-    assert usd == pytest.approx(charged * SMALL_PRICE)
+    assert (model, images) == ("dall-e-2", total)
+    assert usd == pytest.approx(total * SMALL_PRICE)  # the recorded spend; the in-flight re-pays are not on record
     frame = _parts_frame(output)
     assert not frame.duplicated(["run_id", "prompt_id", "image_index"]).any()

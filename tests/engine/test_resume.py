@@ -90,7 +90,8 @@ async def test_journal_of_an_interrupted_run_is_folded_in_and_trusted(tmp_path, 
         patch.setattr(MetadataSink, "_write", lambda self, rows, journal: None)
         await run_batch(gateway, prompts=path, output=str(output))
     assert not list((output / "metadata").glob("*.parquet"))
-    assert len(list((output / "metadata" / "_journal" / "all").glob("*.json"))) == 5
+    journal = list((output / "metadata" / "_journal" / "all").glob("*.json"))
+    assert sum(len(entry.read_bytes().splitlines()) for entry in journal) == 5  # rows, grouped into entries
     # Readers already see the journaled rows.
     assert len(history(output)) == 5
     before = _requests(gateway)
@@ -175,9 +176,10 @@ def _cli(prompts: str, output: str, base_url: str, max_in_flight: int) -> list[s
 def _journal_keys(output) -> set[tuple[str, int]]:
     keys = set()
     for entry in (output / "metadata" / "_journal").rglob("*.json"):
-        row = json.loads(entry.read_bytes())
-        if row["status"] == "succeeded":
-            keys.add((row["prompt_id"], row["image_index"]))
+        for line in entry.read_bytes().splitlines():  # an entry holds a group of rows, one JSON object a line
+            row = json.loads(line)
+            if row["status"] == "succeeded":
+                keys.add((row["prompt_id"], row["image_index"]))
     return keys
 
 
