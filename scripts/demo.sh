@@ -31,6 +31,8 @@ print(f"images:        {out}/images  ({summary['succeeded']} succeeded, {summary
       f"{summary['missing']} missing)")
 print(f"metadata:      {out}/metadata/  (all attempts, Parquet dataset)")
 print(f"dataset table: {out}/metadata.parquet  ({len(table)} rows, {len(table.columns)} columns)")
-print(f"summary:       {summary_path}  (cost ${summary['total_cost_usd']:.4f})")
+print(f"summary:       {summary_path}  (simulated cost ${summary['total_cost_usd']:.4f}: the bundled gateway)")
+sheets = summary.get("contact_sheets") or []
+print(f"contact sheet: {sheets[0] if sheets else 'none written'}")
 sys.exit(0 if summary["succeeded"] >= 50 else 1)
 PY
