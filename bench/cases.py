@@ -17,6 +17,7 @@ from bench.machine import LoadMeter, code_fingerprint
 from bench.procs import BenchError, Child, ChildResult, Gateway, Redis, wait_children
 from bench.prompts import make_table, prompt_texts
 from bench.storage import case_storage
+from bench.verify import case_verify
 
 # -- parameters and targets -----------------------------------------------------------------------------
 
@@ -653,6 +654,7 @@ CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "scaleout": case_scaleout,
     "batch": case_batch,
     "storage": case_storage,
+    "verify": case_verify,
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from bench import metrics
 from bench.cases import TARGETS
 from bench.storage import markdown as storage_markdown
+from bench.verify import markdown as verify_markdown
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -129,6 +130,8 @@ def markdown(results: dict[str, Any]) -> str:
                   _s(w["process_wall_s"]), _s(w["cpu_s"]), _mb(w["peak_rss_mb"])] for w in r["workers"]])]
         elif name == "storage":
             lines += storage_markdown(case)
+        elif name == "verify":
+            lines += verify_markdown(case)
         elif name == "faults":
             lines += _table(
                 ["client", "completion", "attempts/image", "retries", "charged images", "images kept",
