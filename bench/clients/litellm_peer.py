@@ -39,6 +39,10 @@ async def run(spec: dict) -> dict:
     os.makedirs(out, exist_ok=True)
     request = dict(spec["request"])
     model = request.pop("model")
+    if "response_format" in request:
+        # LiteLLM 1.110.2 refuses response_format for dall-e-2 ("not supported by openai, dall-e-2", although
+        # OpenAI documents it); in the body it reaches the gateway as any other client would send it.
+        request["extra_body"] = {"response_format": request.pop("response_format")}
     params = {"model": f"openai/{model}", "api_base": spec["base_url"], "api_key": "bench"}
     router_kwargs: dict = {"num_retries": spec["num_retries"], "timeout": 300}
     if spec.get("rpm"):
