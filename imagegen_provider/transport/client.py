@@ -32,7 +32,7 @@ from imagegen_provider.transport.download import (
     default_ssl_context,
     without_credentials,
 )
-from imagegen_provider.transport.ratelimit import RateLimiter, RateLimits
+from imagegen_provider.transport.ratelimit import SENT_AT, RateLimiter, RateLimits
 from imagegen_provider.transport.retry import RetryPolicy, parse_retry_after
 from imagegen_provider.wire.dialects import Dialect, get_dialect
 from imagegen_provider.wire.errors import (
@@ -406,6 +406,8 @@ class ImageGenClient:
         """One HTTP exchange under the attempt deadline; the caller holds a slot and a rate-limit admission."""
         secrets = self._secrets(request)
         started = time.monotonic()
+        sent_at = time.time()
+        SENT_AT.set(sent_at)
         try:
             async with asyncio.timeout(self.timeouts.attempt):
                 if request.stream:
@@ -429,6 +431,7 @@ class ImageGenClient:
             # 429s are expected under a limit and handled by the limiter: one line each would drown the log.
             log.log(logging.DEBUG if isinstance(exc, RateLimitError) else logging.WARNING, "Attempt failed: %s", exc)
             raise
+        await self.limiter.on_accepted(sent_at=sent_at)
         return result, time.monotonic() - started
 
     async def _send_plain(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:

@@ -154,6 +154,10 @@ class AdaptiveRate:
             return
         log.info("Gateway refused a request without announcing its limit; pacing at %.2f requests/s", self.rate)
 
+    def refining(self, now: float) -> bool:
+        """Whether the first wave's refusals are still refining the first estimate."""
+        return self.rate is None or now - self._first_refusal < self.MIN_INTERVAL
+
     def maybe_increase(self, now: float) -> None:
         if self.rate is None or now - max(self._last_change, self._last_refusal) < self.PROBE_AFTER:
             return

@@ -207,7 +207,10 @@ async def test_hidden_limit_is_learned_from_429s():
     learned = limiter.requests_per_minute
     assert learned == pytest.approx(10 * 60, rel=0.01)
     await asyncio.sleep(1.05)
-    await limiter.on_rate_limited(0.0)  # a refusal a second later cuts it by 15%
+    await limiter.on_rate_limited(0.0)  # the same burst of refusals: one congestion signal, no further cut
+    assert limiter.requests_per_minute == pytest.approx(learned)
+    await limiter.on_accepted(sent_at=time.time())  # the burst is over...
+    await limiter.on_rate_limited(0.0)  # ...and a new one a second later cuts it by 15%
     assert limiter.requests_per_minute == pytest.approx(learned * 0.85)
 
 
