@@ -351,6 +351,9 @@ class RateLimiter:
         self._answered = True
         headers = header_lookup(headers)
         for header, attr in (("x-ratelimit-limit-requests", "_rpm"), ("x-ratelimit-limit-images", "_ipm")):
+            # LiteLLM's proxy forwards the upstream provider's own headers under an ``llm_provider-`` prefix.
+            if header not in headers and f"llm_provider-{header}" in headers:
+                header = f"llm_provider-{header}"
             announced = announced_limit(header, headers.get(header))
             current = getattr(self, attr)
             if announced is not None and (current is None or announced < current):

@@ -91,6 +91,13 @@ def test_observe_headers_requests(configured, headers: Mapping[str, str], expect
     assert limiter.images_per_minute is None
 
 
+def test_observe_headers_reads_litellm_forwarded_provider_limits():
+    limiter = RateLimiter(RateLimits())
+    limiter.observe_headers({"llm_provider-x-ratelimit-limit-requests": "500",
+                             "llm_provider-x-ratelimit-limit-images": "50"})
+    assert limiter.requests_per_minute == 500 and limiter.images_per_minute == 50
+
+
 def test_observe_headers_images_and_repeated_announcements():
     limiter = RateLimiter(RateLimits(images_per_minute=50))
     limiter.observe_headers({"x-ratelimit-limit-images": "40", "x-ratelimit-limit-requests": "1000"})
