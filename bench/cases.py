@@ -617,7 +617,9 @@ def _shape_record(folder: Path, key: str, children: list[Child], results: list[C
         summary = _read_result(folder / f"{key}-worker{w}.json")
         succeeded += summary["run"]["succeeded"] if summary else 0
     started, ended = min(r.started_unix for r in results), max(r.ended_unix for r in results)
-    minutes = _whole_minutes(stats["accepted_timeline"], started, ended)
+    # Judged while the clients had work: up to the last accepted second, not the finalizing that follows.
+    last_accepted = max((int(second) for second, _ in stats["accepted_timeline"]), default=int(ended))
+    minutes = _whole_minutes(stats["accepted_timeline"], started, min(ended, last_accepted))
     sent = int(stats["generation_requests"])
     return {
         "workers": len(children), "succeeded": succeeded, "requests_sent": sent,

@@ -78,7 +78,9 @@ def run_shape(tmp_path, *, shape: str, workers: int, rate: float, backend: str |
                     process.wait()
         ended = time.time()
         stats = gateway.stats()
-    minutes = whole_minutes(stats["accepted_timeline"], started, ended)
+    # Judged while the workers had work: up to the last accepted second, not the finalizing that follows.
+    last_accepted = max((int(second) for second, _ in stats["accepted_timeline"]), default=int(ended))
+    minutes = whole_minutes(stats["accepted_timeline"], started, min(ended, last_accepted))
     sent = int(stats["generation_requests"])
     return {
         "shape": shape, "workers": workers, "rate": rate, "rows": rows * workers,
