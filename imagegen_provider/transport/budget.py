@@ -178,3 +178,31 @@ class SharedBudget:
         if self._redis is None:
             return None
         return WindowShape.decode(await self._redis.get(self._shape_key))
+
+    # -- the learned request rate (token buckets), one for every process ---------------------------------------
+
+    @property
+    def _rate_key(self) -> str:
+        return f"imagegen:{self.namespace}:learned_rate"
+
+    async def shared_rate(self) -> float | None:
+        """The request rate (per second) some process learned last, if believable."""
+        if self._redis is None:
+            return None
+        value = await self._redis.get(self._rate_key)
+        try:
+            rate = float(value) if value is not None else math.nan
+        except ValueError:
+            return None
+        return rate if math.isfinite(rate) and 0.0 < rate < 1e6 else None
+
+    async def claim_rate_change(self, seconds: float) -> bool:
+        """Whether this process may change the shared rate now: one change per ``seconds`` for everyone, so
+        that a burst of 429s seen by four processes is one decrease, not four."""
+        if self._redis is None:
+            return True
+        return bool(await self._redis.set(f"{self._rate_key}:lock", "1", nx=True, px=max(1, int(seconds * 1000))))
+
+    async def share_rate(self, rate: float) -> None:
+        if self._redis is not None:
+            await self._redis.set(self._rate_key, repr(rate), ex=SHAPE_TTL_SECONDS)

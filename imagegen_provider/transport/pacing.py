@@ -154,6 +154,10 @@ class AdaptiveRate:
             return
         log.info("Gateway refused a request without announcing its limit; pacing at %.2f requests/s", self.rate)
 
+    def adopt(self, rate: float) -> None:
+        """Take up a rate another process (sharing the budget) learned."""
+        self.rate = rate
+
     def refining(self, now: float) -> bool:
         """Whether the first wave's refusals are still refining the first estimate."""
         return self.rate is None or now - self._first_refusal < self.MIN_INTERVAL

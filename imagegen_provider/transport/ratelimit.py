@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -132,6 +133,9 @@ class RateLimiter:
         self._shape: WindowShape | None = None
         self._episodes = Episodes()
         self._shape_polled = 0.0
+        self._rate_polled = 0.0
+        #: Send times of this process's accepted requests (the last few seconds' worth).
+        self._accepted_here: deque[float] = deque(maxlen=4096)
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -232,8 +236,12 @@ class RateLimiter:
         if wait > 0:
             return wait
         if self._adaptive is not None:
+            before = self._adaptive.rate
             self._adaptive.maybe_increase(now)
+            await self._share_rate_change(before, now, lock=AdaptiveRate.PROBE_AFTER)
         await self._adopt_shared_shape(now)
+        if self._learning and self._shape is None:
+            await self._sync_shared_rate(now)
         rpm, ipm = self.requests_per_minute, self._ipm
         images = min(images, MAX_IMAGES_PER_REQUEST)
         wait = self._take_local(now, rpm, ipm, images)
@@ -282,7 +290,9 @@ class RateLimiter:
         new_episode = self._episodes.refused(sent_at=sent_at, retry_after=retry_after)
         adaptive = self._adaptive if self._learning and self._shape is None else None
         if adaptive is not None and (new_episode or adaptive.refining(now)):
+            before = adaptive.rate
             adaptive.refused(now)
+            await self._share_rate_change(before, now, lock=AdaptiveRate.MIN_INTERVAL, first=before is None)
         if retry_after is not None or not self._learning:
             seconds = min(retry_after if retry_after is not None else 1.0, self.max_wait)
         else:
@@ -315,6 +325,7 @@ class RateLimiter:
         if not self._learning:
             return
         budget = self._started()
+        self._accepted_here.append(sent_at)
         await budget.record_accepted(sent_at)
         retry_after_seen = self._episodes.retry_after_seen
         start = self._episodes.accepted(sent_at=sent_at)
@@ -327,6 +338,36 @@ class RateLimiter:
             log.info("Gateway refuses without Retry-After over a %s window of %d requests; pacing to it",
                      shape.kind, shape.capacity)
             await self._set_shape(shape)
+
+    async def _share_rate_change(self, before: float | None, now: float, *, lock: float, first: bool = False) -> None:
+        """With a shared backend, one learned rate for every process: a change this process made is published
+        if no other process changed it within ``lock`` seconds, else the shared rate is taken up instead.
+
+        A process sees only its own share of the traffic, so its first estimate (what the gateway accepted
+        from it in the last second) is scaled by everyone's acceptances over its own."""
+        adaptive = self._adaptive
+        if not self.shared or adaptive is None or adaptive.rate is None or adaptive.rate == before:
+            return
+        budget = self._started()
+        if first:
+            wall = time.time()
+            everyone = len(await budget.accepted_since(wall - 2.0))
+            mine = sum(1 for t in self._accepted_here if t >= wall - 2.0)
+            if everyone > mine > 0:
+                adaptive.adopt(adaptive.rate * everyone / mine)
+        if await budget.claim_rate_change(lock):
+            await budget.share_rate(adaptive.rate)
+            return
+        shared = await budget.shared_rate()
+        adaptive.adopt(shared if shared is not None else before or adaptive.rate)
+
+    async def _sync_shared_rate(self, now: float) -> None:
+        if self._adaptive is None or not self.shared or now - self._rate_polled < SHAPE_POLL_SECONDS / 2:
+            return
+        self._rate_polled = now
+        shared = await self._started().shared_rate()
+        if shared is not None:
+            self._adaptive.adopt(shared)
 
     async def _set_shape(self, shape: WindowShape) -> None:
         self._shape = shape
