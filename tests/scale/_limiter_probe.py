@@ -22,7 +22,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from imagegen_provider.transport.client import ImageGenClient
+from imagegen_provider.transport.client import GenerationFailed, ImageGenClient
 from imagegen_provider.transport.ratelimit import RateLimiter, RateLimits
 from imagegen_provider.transport.retry import RetryPolicy
 from imagegen_provider.wire.errors import RateLimitError
@@ -76,7 +76,10 @@ async def hit429(args: argparse.Namespace) -> dict:
         first_ok = time.time()
         try:
             await client.generate(request)
-        except RateLimitError as exc:
+        except GenerationFailed as failed:
+            if not isinstance(failed.error, RateLimitError):
+                raise
+            exc = failed.error
             rate_limited_at = time.time()
             # The shared pause as every other process sees it: the Redis key the limiter wrote.
             redis = aioredis.from_url(args.backend)
