@@ -32,8 +32,9 @@ from imagegen_provider.transport.download import (
     default_ssl_context,
     without_credentials,
 )
+from imagegen_provider.transport.pacing import reset_hint
 from imagegen_provider.transport.ratelimit import SENT_AT, RateLimiter, RateLimits
-from imagegen_provider.transport.retry import RetryPolicy, parse_retry_after
+from imagegen_provider.transport.retry import RetryPolicy, header_lookup, parse_retry_after
 from imagegen_provider.wire.dialects import Dialect, get_dialect
 from imagegen_provider.wire.errors import (
     ClientConfigurationError,
@@ -457,7 +458,8 @@ class ImageGenClient:
         if isinstance(error, RateLimitError):
             # Pause every waiting request now, instead of letting each of them hit the wall in turn. The
             # pause is capped like the retry wait: a gateway announcing hours must not stall the batch.
-            pause = error.retry_after
+            # No Retry-After: the refusing budget's own reset time, when the headers name it.
+            pause = error.retry_after if error.retry_after is not None else reset_hint(header_lookup(response.headers))
             if pause is not None and pause > self.retry.max_retry_after:
                 self._log_capped_retry_after(pause)
                 pause = self.retry.max_retry_after
