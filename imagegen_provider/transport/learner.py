@@ -37,6 +37,9 @@ RESUME_MARGIN_SECONDS = 0.1
 
 WindowKind = Literal["fixed", "sliding"]
 
+#: The share of the last 60 s' acceptances that must fall in the refusing calendar minute for a fixed window.
+FIXED_SHARE = 0.8
+
 #: Accepted requests sent in ``[start, end)`` (wall clock), as the caller counts them (this process, or every
 #: process sharing the budget).
 AcceptedBetween = Callable[[float, float], int]
@@ -76,22 +79,29 @@ def window_start(kind: WindowKind, now: float) -> float:
     return minute_start(now) if kind == "fixed" else now - WINDOW_SECONDS
 
 
-def identify(*, episode_start: float, resumed_at: float, accepted_between: AcceptedBetween) -> WindowShape | None:
+def identify(*, episode_start: float, resumed_at: float, accepted_between: AcceptedBetween,
+             known: WindowKind | None = None) -> WindowShape | None:
     """The window behind an episode of refusals without ``Retry-After`` that began at ``episode_start`` (the
     first refused request's send time) and ended when a request sent at ``resumed_at`` was accepted; ``None``
     when the episode was too short to be a window's.
 
     :param accepted_between: counts accepted requests by send time.
+    :param known: the window kind already identified, if any (a known fixed window stays fixed: after a
+        minute of steady pacing, the last 60 s span two calendar minutes).
     """
     if resumed_at - episode_start < LONG_EPISODE_SECONDS:
         return None
     crossed = minute_start(resumed_at) > minute_start(episode_start)
+    last_minute = accepted_between(episode_start - WINDOW_SECONDS, episode_start)
     if crossed and resumed_at - minute_start(resumed_at) < BOUNDARY_SLACK_SECONDS:
         start = minute_start(episode_start)
-        capacity = accepted_between(start, start + WINDOW_SECONDS)
-        return WindowShape("fixed", max(1, capacity))
-    capacity = accepted_between(episode_start - WINDOW_SECONDS, episode_start)
-    return WindowShape("sliding", max(1, capacity))
+        in_calendar_minute = accepted_between(start, start + WINDOW_SECONDS)
+        # A calendar window refused once its own minute was full: most of what was accepted in the last 60 s
+        # fell in that minute. A sliding window that happened to free at :00 refused after acceptances
+        # spread over two calendar minutes: its capacity is the last 60 s, not the calendar minute.
+        if known == "fixed" or in_calendar_minute >= FIXED_SHARE * last_minute:
+            return WindowShape("fixed", max(1, in_calendar_minute))
+    return WindowShape("sliding", max(1, last_minute))
 
 
 class Episodes:

@@ -333,7 +333,8 @@ class RateLimiter:
             return
         accepted = await budget.accepted_since(start - WINDOW_SECONDS)
         shape = identify(episode_start=start, resumed_at=sent_at,
-                         accepted_between=lambda a, b: sum(1 for t in accepted if a <= t < b))
+                         accepted_between=lambda a, b: sum(1 for t in accepted if a <= t < b),
+                         known=self._shape.kind if self._shape is not None else None)
         if shape is not None and shape != self._shape:
             log.info("Gateway refuses without Retry-After over a %s window of %d requests; pacing to it",
                      shape.kind, shape.capacity)
