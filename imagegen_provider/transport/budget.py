@@ -206,3 +206,17 @@ class SharedBudget:
     async def share_rate(self, rate: float) -> None:
         if self._redis is not None:
             await self._redis.set(self._rate_key, repr(rate), ex=SHAPE_TTL_SECONDS)
+
+    async def members(self, member: str, now: float, *, alive: float = 5.0) -> int:
+        """Mark ``member`` (one limiter) alive at ``now``; how many limiters were alive in the last ``alive``
+        seconds (at least 1). Learned limits are shared, so each process paces at its share of them."""
+        if self._redis is None:
+            return 1
+        key = f"imagegen:{self.namespace}:members"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {member: now})
+            pipe.zremrangebyscore(key, "-inf", now - alive)
+            pipe.zcard(key)
+            pipe.expire(key, int(alive * 4))
+            results = await pipe.execute()
+        return max(1, int(results[2]))

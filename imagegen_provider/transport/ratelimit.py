@@ -134,6 +134,9 @@ class RateLimiter:
         self._episodes = Episodes()
         self._shape_polled = 0.0
         self._rate_polled = 0.0
+        #: Limiters alive on the shared backend (this one included), and this limiter's name among them.
+        self._members = 1
+        self._member_id = f"{id(self):x}-{random.getrandbits(32):x}"
         #: Send times of this process's accepted requests (the last few seconds' worth).
         self._accepted_here: deque[float] = deque(maxlen=4096)
 
@@ -214,9 +217,16 @@ class RateLimiter:
         self._last_probe = now
         return 0.0
 
+    def _request_rate(self, rpm: float) -> float:
+        """This process's request rate (per second) under ``rpm``. A learned limit is everyone's: each process
+        sharing the backend paces evenly at its share, so that the shared window (which admits a whole
+        window's worth at once) never sees the processes' sends bunch up."""
+        rate = rpm / 60.0
+        return rate / self._members if self.shared and self._learning else rate
+
     def _take_local(self, now: float, rpm: float | None, ipm: float | None, images: int) -> float:
         if rpm:
-            rate = rpm / 60.0
+            rate = self._request_rate(rpm)
             wait = self._request_pacer.delay(now, rate, max(1.0, rate * BURST_SECONDS))
             if wait > 0:
                 return wait
@@ -225,7 +235,7 @@ class RateLimiter:
             wait = self._image_pacer.delay(now, rate, max(MAX_IMAGES_PER_REQUEST, rate * BURST_SECONDS), images)
             if wait > 0:
                 if rpm:
-                    self._request_pacer.refund(rpm / 60.0)
+                    self._request_pacer.refund(self._request_rate(rpm))
                 return wait
         return 0.0
 
@@ -240,7 +250,7 @@ class RateLimiter:
             self._adaptive.maybe_increase(now)
             await self._share_rate_change(before, now, lock=AdaptiveRate.PROBE_AFTER)
         await self._adopt_shared_shape(now)
-        if self._learning and self._shape is None:
+        if self._learning:
             await self._sync_shared_rate(now)
         rpm, ipm = self.requests_per_minute, self._ipm
         images = min(images, MAX_IMAGES_PER_REQUEST)
@@ -253,7 +263,7 @@ class RateLimiter:
             wait = await self._started().take(rpm, ipm, images)
             if wait > 0:
                 if rpm:
-                    self._request_pacer.refund(rpm / 60.0)
+                    self._request_pacer.refund(self._request_rate(rpm))
                 if ipm:
                     self._image_pacer.refund(ipm / 60.0, images)
                 return wait
@@ -299,7 +309,7 @@ class RateLimiter:
             seconds = min(await self._window_pause(wall), self.max_wait)
         rpm = self.requests_per_minute
         if rpm:
-            rate = rpm / 60.0
+            rate = self._request_rate(rpm)
             self._request_pacer.drain(now + seconds, rate, max(1.0, rate * BURST_SECONDS))
         await self.pause(seconds)
 
@@ -366,7 +376,8 @@ class RateLimiter:
         if self._adaptive is None or not self.shared or now - self._rate_polled < SHAPE_POLL_SECONDS / 2:
             return
         self._rate_polled = now
-        shared = await self._started().shared_rate()
+        self._members = await self._started().members(self._member_id, time.time())
+        shared = await self._started().shared_rate() if self._shape is None else None
         if shared is not None:
             self._adaptive.adopt(shared)
 
