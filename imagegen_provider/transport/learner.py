@@ -144,15 +144,18 @@ def pause_without_retry_after(*, shape: WindowShape | None, now: float, elapsed:
     * a fixed window: until the next minute boundary;
     * a sliding window: until the oldest accepted request in the last 60 s leaves it;
     * unknown: as long as the episode has lasted (at least 1 s: probes at 1, 2, 4, 8... s, a handful of
-      refusals per minute), but never past the next minute boundary, so a calendar window is seen
-      accepting again at :00.
+      refusals per minute), but never past the next minute boundary (where a calendar window accepts
+      again) nor past the moment a sliding window would free its oldest acceptance.
     """
     to_boundary = minute_start(now) + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS
     if shape is not None and shape.kind == "fixed":
         return to_boundary
-    if shape is not None and oldest_in_window is not None:
-        return max(0.2, oldest_in_window + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS)
-    return min(max(1.0, elapsed), to_boundary)
+    sliding_frees = None if oldest_in_window is None else max(
+        0.2, oldest_in_window + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS)
+    if shape is not None and sliding_frees is not None:
+        return sliding_frees
+    # Unknown: also probe when a sliding window would free its first slot, so either kind is seen at once.
+    return min(max(1.0, elapsed), to_boundary, sliding_frees if sliding_frees is not None else to_boundary)
 
 
 def revised_capacity(shape: WindowShape, *, now: float, accepted_between: AcceptedBetween) -> WindowShape:

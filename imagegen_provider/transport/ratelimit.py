@@ -317,7 +317,10 @@ class RateLimiter:
         """The pause after a refusal without Retry-After; inside a known window, also revise its capacity."""
         budget = self._started()
         oldest: float | None = None
-        if self._shape is not None:
+        if self._shape is None:
+            recent = await budget.accepted_since(wall - WINDOW_SECONDS)
+            oldest = recent[0] if recent else None
+        else:
             accepted = await budget.accepted_since(window_start(self._shape.kind, wall))
             revised = revised_capacity(self._shape, now=wall,
                                        accepted_between=lambda a, b: sum(1 for t in accepted if a <= t < b))

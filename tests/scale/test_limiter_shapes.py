@@ -67,8 +67,9 @@ def run_shape(tmp_path, *, shape: str, workers: int, rate: float, backend: str |
         ]
         results = []
         try:
-            for process in processes:
+            for w, process in enumerate(processes):
                 out, err = process.communicate(timeout=seconds + 120)
+                (tmp_path / f"worker-{w}.log").write_text(err)
                 assert process.returncode == 0, f"worker failed ({process.returncode}):\n{err[-3000:]}"
                 results.append(json.loads(out)["run"])
         finally:

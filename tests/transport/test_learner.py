@@ -74,6 +74,9 @@ def test_pause_without_retry_after_per_shape():
     assert pause_without_retry_after(shape=None, now=now, elapsed=0.0, oldest_in_window=None) == 1.0
     assert pause_without_retry_after(shape=None, now=now, elapsed=8.0, oldest_in_window=None) == 8.0
     assert pause_without_retry_after(shape=None, now=now, elapsed=30.0, oldest_in_window=None) == pytest.approx(20.1)
+    # ...nor past the moment a sliding window would free its oldest acceptance.
+    assert pause_without_retry_after(shape=None, now=now, elapsed=30.0,
+                                     oldest_in_window=MINUTE - 15.0) == pytest.approx(5.1)
 
 
 def test_probing_an_unknown_window_costs_a_handful_of_refusals_per_minute():
