@@ -96,10 +96,16 @@ class SharedBudget:
     def _key(self, kind: str) -> tuple[str, str]:
         return ("imagegen", f"{self.namespace}:{kind}")
 
-    async def take(self, rpm: float | None, ipm: float | None, images: int) -> float:
-        """Draw one request and ``images`` images from the windows: 0, or how long to wait (nothing drawn)."""
+    async def take(self, rpm: float | None, ipm: float | None, images: int, *, whole_minute: bool = False) -> float:
+        """Draw one request and ``images`` images from the windows: 0, or how long to wait (nothing drawn).
+
+        :param whole_minute: count requests over a moving 60 s window of ``rpm`` (a gateway's sliding window,
+            matched exactly: its slots are used as soon as they free) instead of the shortest equivalent one.
+        """
         checks: list[tuple[RateLimitItem, tuple[str, str], int]] = []
-        if rpm:
+        if rpm and whole_minute:
+            checks.append((_Window(max(1, math.floor(rpm)), 60), self._key("requests-60s"), 1))
+        elif rpm:
             checks.append((_window(per_minute_item(rpm)), self._key("requests"), 1))
         if ipm:
             item = _window(per_minute_item(ipm, min_amount=MAX_IMAGES_PER_REQUEST))

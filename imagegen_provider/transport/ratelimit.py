@@ -254,16 +254,20 @@ class RateLimiter:
             await self._sync_shared_rate(now)
         rpm, ipm = self.requests_per_minute, self._ipm
         images = min(images, MAX_IMAGES_PER_REQUEST)
-        wait = self._take_local(now, rpm, ipm, images)
+        # A learned sliding window is matched exactly (its slots used as they free, no even spacing): after a
+        # first burst it frees at the burst's pace, and spacing would leave most of a minute unused.
+        sliding = self._learning and self._shape is not None and self._shape.kind == "sliding"
+        paced_rpm = None if sliding else rpm
+        wait = self._take_local(now, paced_rpm, ipm, images)
         if wait > 0:
             return wait
         # A learned window is enforced through the budget's moving window even in one process: it keeps every
         # 60 s (and so every calendar minute) within the window's capacity, where the pacer alone allows a burst.
         if self.shared or (self._shape is not None and self._learning):
-            wait = await self._started().take(rpm, ipm, images)
+            wait = await self._started().take(rpm, ipm, images, whole_minute=sliding)
             if wait > 0:
-                if rpm:
-                    self._request_pacer.refund(self._request_rate(rpm))
+                if paced_rpm:
+                    self._request_pacer.refund(self._request_rate(paced_rpm))
                 if ipm:
                     self._image_pacer.refund(ipm / 60.0, images)
                 return wait
