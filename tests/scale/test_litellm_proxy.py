@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from tests.scale.test_limiter_shapes import whole_minutes
 
 RATE = 120
 ALIAS = "house-images"
+#: The proxy refuses to start without a master key (no database needed for it).
+MASTER_KEY = "sk-" + secrets.token_hex(16)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("litellm") is None or importlib.util.find_spec("apscheduler") is None,
@@ -43,6 +46,8 @@ model_list:
       rpm: {rate}
 router_settings:
   optional_pre_call_checks: ["enforce_model_rate_limits"]
+general_settings:
+  master_key: {master_key}
 litellm_settings:
   telemetry: false
 """
@@ -50,7 +55,7 @@ litellm_settings:
 
 def _proxy(tmp_path, api_base: str) -> tuple[subprocess.Popen, int]:
     config = tmp_path / "litellm.yaml"
-    config.write_text(CONFIG.format(alias=ALIAS, api_base=api_base, rate=RATE))
+    config.write_text(CONFIG.format(alias=ALIAS, api_base=api_base, rate=RATE, master_key=MASTER_KEY))
     port = free_port()
     env = child_env(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False")
     log = open(tmp_path / "litellm.log", "w")  # noqa: SIM115 - closed with the test's tmp_path
@@ -71,7 +76,7 @@ def test_engine_learns_a_litellm_proxy_rpm(tmp_path, record_property):
             started = time.time()
             out = subprocess.run(
                 [PYTHON, "-m", "imagegen_provider.cli", "run", str(write_prompts(tmp_path / "p.parquet", "l", rows)),
-                 str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", "k",
+                 str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", MASTER_KEY,
                  "--model", ALIAS, "--size", "256x256", "--response-format", "b64_json", "--max-in-flight", "8",
                  "--price-as", f"{ALIAS}=dall-e-2", "--json"],
                 capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=400,
