@@ -50,6 +50,7 @@ general_settings:
   master_key: {master_key}
 litellm_settings:
   telemetry: false
+  drop_params: true
 """
 
 
@@ -77,7 +78,7 @@ def test_engine_learns_a_litellm_proxy_rpm(tmp_path, record_property):
             out = subprocess.run(
                 [PYTHON, "-m", "imagegen_provider.cli", "run", str(write_prompts(tmp_path / "p.parquet", "l", rows)),
                  str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", MASTER_KEY,
-                 "--model", ALIAS, "--size", "256x256", "--response-format", "b64_json", "--max-in-flight", "8",
+                 "--model", ALIAS, "--size", "256x256", "--max-in-flight", "8", "--allow-private-image-urls",
                  "--price-as", f"{ALIAS}=dall-e-2", "--json"],
                 capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=400,
             )
@@ -99,6 +100,7 @@ def test_engine_learns_a_litellm_proxy_rpm(tmp_path, record_property):
     record_property("figures", figures)
     print("litellm proxy:", json.dumps(figures), file=sys.stderr)
     assert run["succeeded"] == rows, figures
+    # LiteLLM refuses response_format for dall-e-2 (drop_params drops it): images come as loopback URLs.
     costs = pq.read_table(tmp_path / "out" / "metadata.parquet").column("cost_usd").to_pylist()
     assert costs and all(cost is not None and cost > 0 for cost in costs), costs[:5]
     assert figures["share_429"] <= 0.05, figures
