@@ -644,6 +644,105 @@ def case_batch(ctx: Ctx) -> dict[str, Any]:
                     "batch_cost_ratio": check("batch_cost_ratio", cost_ratio)},
     }
 
+# -- limiter shapes (issue 11) --------------------------------------------------------------------------------
+
+#: Gateway options per hidden limiter shape: what a real gateway of that kind sends with its 429s.
+LIMITER_SHAPES = {
+    "token-bucket": ["--limiter", "token-bucket", "--no-rate-limit-headers"],
+    "sliding-window": ["--limiter", "sliding-window", "--no-rate-limit-headers", "--no-retry-after"],
+    "fixed-window": ["--limiter", "fixed-window", "--no-rate-limit-headers", "--no-retry-after"],
+}
+#: Whole calendar minutes the limiter_shapes case is sized for (quick: 2).
+SHAPE_MINUTES = {True: 2, False: 5}
+
+
+def _whole_minutes(timeline: list[list[int]], started: float, ended: float) -> list[int]:
+    """Accepted requests in each calendar minute lying wholly inside ``[started, ended]``."""
+    counts = {int(second): int(count) for second, count in timeline}
+    first, last = -(-int(started) // 60), int(ended) // 60
+    return [sum(counts.get(m * 60 + s, 0) for s in range(60)) for m in range(first, last)]
+
+
+def _shape_children(ctx: Ctx, folder: Path, gateway: Gateway, *, key: str, workers: int, rows: int,
+                    backend: str | None) -> list[Child]:
+    children = []
+    for w in range(workers):
+        table = make_table(folder / f"{key}-prompts-{w}.parquet", rows, prefix=f"{key}{w}-")
+        shared = ["--rate-limit-backend", backend] if backend else []
+        argv = [sys.executable, "-m", "imagegen_provider.cli", "run", str(table), str(folder / f"{key}-out-{w}"),
+                "--base-url", gateway.v1, "--api-key", "bench", "--model", SMALL_IMAGE["model"],
+                "--size", SMALL_IMAGE["size"], "--response-format", SMALL_IMAGE["response_format"],
+                "--max-in-flight", "16", "--max-attempts", str(ctx.params.attempts), *shared, "--json"]
+        children.append(Child(argv, ctx.out / "logs" / f"shapes-{key}-worker{w}.log",
+                              stdout_path=folder / f"{key}-worker{w}.json"))
+    return children
+
+
+def _shape_record(folder: Path, key: str, children: list[Child], results: list[ChildResult],
+                  stats: dict[str, Any], rate: int) -> dict[str, Any]:
+    succeeded = 0
+    for w in range(len(children)):
+        summary = _read_result(folder / f"{key}-worker{w}.json")
+        succeeded += summary["run"]["succeeded"] if summary else 0
+    started, ended = min(r.started_unix for r in results), max(r.ended_unix for r in results)
+    # Judged while the clients had work: up to the last accepted second, not the finalizing that follows.
+    last_accepted = max((int(second) for second, _ in stats["accepted_timeline"]), default=int(ended))
+    minutes = _whole_minutes(stats["accepted_timeline"], started, min(ended, last_accepted))
+    sent = int(stats["generation_requests"])
+    return {
+        "workers": len(children), "succeeded": succeeded, "requests_sent": sent,
+        "http_429": int(stats["rate_limited"]), "share_429": round(stats["rate_limited"] / sent, 4) if sent else 0.0,
+        "whole_minutes": minutes,
+        "throughput_over_r": round(sum(minutes) / len(minutes) / rate, 4) if minutes else None,
+        "wall_s": round(ended - started, 1), "exit_codes": [r.returncode for r in results],
+    }
+
+
+def case_limiter_shapes(ctx: Ctx) -> dict[str, Any]:
+    """Every hidden limiter shape, no --rpm, 1 process and 4 sharing Redis, all six side by side (each with
+    its own gateway and Redis database): throughput/R over whole calendar minutes and % of requests 429."""
+    p = ctx.params
+    folder = ctx.case_dir("limiter_shapes")
+    if Redis.available() is None:
+        return {"skipped": "redis-server not found (apt-get install -y redis-server)"}
+    minutes = SHAPE_MINUTES[p.quick]
+    rows_total = -(-p.rpm * (12 * minutes + 1) // 12)
+    redis = Redis(ctx.out / "logs" / "shapes-redis.log").start()
+    gateways: list[Gateway] = []
+    runs: list[tuple[str, str, list[Child], Gateway]] = []
+    try:
+        for db, (shape, workers) in enumerate((s, w) for s in LIMITER_SHAPES for w in (1, p.scale_workers)):
+            key = f"{shape}-{workers}p"
+            gw_args = ["--rpm", str(p.rpm), "--latency", "0.05-0.2", *LIMITER_SHAPES[shape]]
+            gateway = Gateway(gw_args, ctx.out / "logs" / f"shapes-{key}-gateway.log").start()
+            gateways.append(gateway)
+            backend = redis.url.rsplit("/", 1)[0] + f"/{db + 1}" if workers > 1 else None
+            runs.append((shape, key, _shape_children(ctx, folder, gateway, key=key, workers=workers,
+                                                     rows=-(-rows_total // workers), backend=backend), gateway))
+        ctx.log(f"  [limiter_shapes] {len(runs)} runs side by side, R={p.rpm}/min, {rows_total} rows each")
+        every = [child for _, _, children, _ in runs for child in children]
+        results = wait_children(every, timeout=60.0 * (minutes + 4))
+        records: dict[str, Any] = {}
+        offset = 0
+        for shape, key, children, gateway in runs:
+            mine = results[offset:offset + len(children)]
+            offset += len(children)
+            records[key] = {"shape": shape, **_shape_record(folder, key, children, mine, gateway.stats(), p.rpm)}
+            ctx.log(f"  [limiter_shapes] {key}: throughput/R {records[key]['throughput_over_r']}, "
+                    f"429 share {records[key]['share_429']}")
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        redis.stop()
+    return {
+        "description": "Hidden limit R of each shape (token bucket with Retry-After; sliding window and "
+                       "calendar-minute fixed window counting refusals, both without Retry-After or headers), "
+                       "no --rpm, 1 process and 4 sharing one Redis; throughput over whole calendar minutes.",
+        "rpm": p.rpm, "rows_per_run": rows_total, "targets": {"throughput_over_r": ">= 0.95", "share_429": "<= 0.05"},
+        "runs": records,
+    }
+
+
 
 CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "announced": case_announced,
@@ -655,7 +754,10 @@ CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "batch": case_batch,
     "storage": case_storage,
     "verify": case_verify,
+    "limiter_shapes": case_limiter_shapes,
 }
+#: Cases run only when named (--cases): several whole minutes of wall time and up to 15 processes.
+OPT_IN = frozenset({"limiter_shapes"})
 
 
 def with_overrides(params: Params, **changes: Any) -> Params:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.cases import CASES, FULL, QUICK, TARGETS, Ctx, with_overrides
+from bench.cases import CASES, FULL, OPT_IN, QUICK, TARGETS, Ctx, with_overrides
 from bench.machine import describe
 from bench.procs import REGISTRY, BenchError, install_signal_handlers
 
@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = {False: RESULTS / "latest", True: RESULTS / "quick"}
 def _cases(text: str | None) -> list[str]:
     if not text:
-        return list(CASES)
+        return [c for c in CASES if c not in OPT_IN]
     chosen = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in CASES]
     if unknown:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"Results folder (default {DEFAULT_OUT[False]}, or {DEFAULT_OUT[True]} with --quick).")
     parser.add_argument("--cases", type=_cases, default=None,
-                        help=f"Comma-separated subset of: {', '.join(CASES)} (default: all).")
+                        help=f"Comma-separated subset of: {', '.join(CASES)} (default: all but {', '.join(sorted(OPT_IN))}).")
     parser.add_argument("--rpm", type=int, help="Override the gateway limit R of the rate-limited cases.")
     parser.add_argument("--n", type=int, help="Override N, requests per client in the rate-limited cases.")
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cases = args.cases or list(CASES)
+    cases = args.cases or [c for c in CASES if c not in OPT_IN]
     params = with_overrides(QUICK if args.quick else FULL, rpm=args.rpm, n=args.n, parallel=args.parallel)
     out: Path = (args.out or DEFAULT_OUT[args.quick]).resolve()
     out.mkdir(parents=True, exist_ok=True)

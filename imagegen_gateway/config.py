@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from imagegen_gateway.limiter import SHAPES
+
 ResponseFormatName = Literal["url", "b64_json"]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -40,7 +42,7 @@ DEFAULT_MODELS: tuple[str, ...] = (
 #: ``--help`` group of each option, in display order.
 GROUPS = {
     "account": "account",
-    "limits": "rate limits (token buckets)",
+    "limits": "rate limits (token bucket, sliding or calendar-minute fixed window)",
     "faults": "fault injection (probabilities between 0 and 1; default 0)",
     "images": "images",
     "batch": "batch API (/v1/files, /v1/batches; openai dialect only)",
@@ -148,6 +150,12 @@ class GatewayConfig:
     image_burst: float | None = option(
         None, "Capacity of the image bucket. Default: one second's worth of --ipm, at least 1.",
         "limits", parse=_positive, metavar="N", check=_positive_or_none,
+    )
+    limiter: str = option(
+        "token-bucket", "Shape of the --rpm/--ipm limits: token-bucket (refills continuously, --burst at once), "
+        "sliding-window (at most N accepted in any 60 s) or fixed-window (at most N per calendar minute, refused "
+        "requests counted too, like LiteLLM's proxy with enforce_model_rate_limits).",
+        "limits", choices=SHAPES, check=_one_of(*SHAPES),
     )
     rate_limit_headers: bool = option(
         True, "Hidden-limit mode: do not send x-ratelimit-limit/remaining/reset-requests|images headers "

@@ -126,7 +126,8 @@ class GatewayState:
         #: Renders in progress, so concurrent requests for the same image wait for one render.
         self.rendering: dict[RenderSpec, anyio.Event] = {}
         self.files = FileStore(config.url_cache_size, config.url_ttl_seconds)
-        self.limiter = GatewayLimiter(config.rpm, config.ipm, config.burst, config.image_burst)
+        self.limiter = GatewayLimiter(config.rpm, config.ipm, config.burst, config.image_burst,
+                                      shape=config.limiter)
         self.faults = FaultInjector(config)
         self.stats = Stats()
         #: Files of the Files API (batch input, output and error files), on disk.

@@ -8,7 +8,9 @@ several processes, together, under one limit.
 from __future__ import annotations
 
 import math
+import random
 import time
+from collections import deque
 from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerSecond
@@ -16,7 +18,13 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
+from imagegen_provider.transport.learner import WindowShape
 from imagegen_provider.transport.pacing import MAX_IMAGES_PER_REQUEST
+
+#: How long accepted requests are remembered: two windows, enough to count any window a refusal ends.
+LEDGER_SECONDS = 150.0
+#: A learned shape nobody confirmed for this long is forgotten (the gateway's limits may have changed).
+SHAPE_TTL_SECONDS = 3600
 
 
 def per_minute_item(per_minute: float, min_amount: int = 1) -> RateLimitItem:
@@ -78,6 +86,7 @@ class SharedBudget:
         else:
             self._storage = MemoryStorage()
         self._strategy = MovingWindowRateLimiter(self._storage)
+        self._accepted: deque[float] = deque()
 
     async def aclose(self) -> None:
         if self._redis is not None:
@@ -87,10 +96,16 @@ class SharedBudget:
     def _key(self, kind: str) -> tuple[str, str]:
         return ("imagegen", f"{self.namespace}:{kind}")
 
-    async def take(self, rpm: float | None, ipm: float | None, images: int) -> float:
-        """Draw one request and ``images`` images from the windows: 0, or how long to wait (nothing drawn)."""
+    async def take(self, rpm: float | None, ipm: float | None, images: int, *, whole_minute: bool = False) -> float:
+        """Draw one request and ``images`` images from the windows: 0, or how long to wait (nothing drawn).
+
+        :param whole_minute: count requests over a moving 60 s window of ``rpm`` (a gateway's sliding window,
+            matched exactly: its slots are used as soon as they free) instead of the shortest equivalent one.
+        """
         checks: list[tuple[RateLimitItem, tuple[str, str], int]] = []
-        if rpm:
+        if rpm and whole_minute:
+            checks.append((_Window(max(1, math.floor(rpm)), 60), self._key("requests-60s"), 1))
+        elif rpm:
             checks.append((_window(per_minute_item(rpm)), self._key("requests"), 1))
         if ipm:
             item = _window(per_minute_item(ipm, min_amount=MAX_IMAGES_PER_REQUEST))
@@ -127,3 +142,87 @@ class SharedBudget:
             # rate-limited at once can never shorten each other's pause. A deadline in the past is no pause,
             # so the key needs no expiry.
             await self._redis.zadd(self._pause_key, {"until": until}, gt=True)
+
+    # -- what the gateway accepted, and what was learned from it ---------------------------------------------
+
+    @property
+    def _accepted_key(self) -> str:
+        return f"imagegen:{self.namespace}:accepted"
+
+    @property
+    def _shape_key(self) -> str:
+        return f"imagegen:{self.namespace}:shape"
+
+    async def record_accepted(self, sent_at: float) -> None:
+        """One request sent at ``sent_at`` (wall clock) was accepted: counted by every process sharing the
+        backend, so that a window's capacity is learned from everyone's traffic."""
+        if self._redis is None:
+            self._accepted.append(sent_at)
+            while self._accepted and self._accepted[0] < sent_at - LEDGER_SECONDS:
+                self._accepted.popleft()
+            return
+        # A sorted set scored by send time; the member only has to be unique.
+        member = f"{sent_at:.6f}:{random.getrandbits(48):x}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self._accepted_key, {member: sent_at})
+            pipe.zremrangebyscore(self._accepted_key, "-inf", sent_at - LEDGER_SECONDS)
+            pipe.expire(self._accepted_key, int(LEDGER_SECONDS) * 2)
+            await pipe.execute()
+
+    async def accepted_since(self, start: float) -> list[float]:
+        """Send times of the accepted requests sent at or after ``start``, oldest first."""
+        if self._redis is None:
+            return sorted(t for t in self._accepted if t >= start)
+        values = await self._redis.zrangebyscore(self._accepted_key, start, "+inf", withscores=True)
+        return sorted(float(score) for _, score in values)
+
+    async def share_shape(self, shape: WindowShape) -> None:
+        if self._redis is not None:
+            await self._redis.set(self._shape_key, shape.encode(), ex=SHAPE_TTL_SECONDS)
+
+    async def shared_shape(self) -> WindowShape | None:
+        if self._redis is None:
+            return None
+        return WindowShape.decode(await self._redis.get(self._shape_key))
+
+    # -- the learned request rate (token buckets), one for every process ---------------------------------------
+
+    @property
+    def _rate_key(self) -> str:
+        return f"imagegen:{self.namespace}:learned_rate"
+
+    async def shared_rate(self) -> float | None:
+        """The request rate (per second) some process learned last, if believable."""
+        if self._redis is None:
+            return None
+        value = await self._redis.get(self._rate_key)
+        try:
+            rate = float(value) if value is not None else math.nan
+        except ValueError:
+            return None
+        return rate if math.isfinite(rate) and 0.0 < rate < 1e6 else None
+
+    async def claim_rate_change(self, seconds: float) -> bool:
+        """Whether this process may change the shared rate now: one change per ``seconds`` for everyone, so
+        that a burst of 429s seen by four processes is one decrease, not four."""
+        if self._redis is None:
+            return True
+        return bool(await self._redis.set(f"{self._rate_key}:lock", "1", nx=True, px=max(1, int(seconds * 1000))))
+
+    async def share_rate(self, rate: float) -> None:
+        if self._redis is not None:
+            await self._redis.set(self._rate_key, repr(rate), ex=SHAPE_TTL_SECONDS)
+
+    async def members(self, member: str, now: float, *, alive: float = 5.0) -> int:
+        """Mark ``member`` (one limiter) alive at ``now``; how many limiters were alive in the last ``alive``
+        seconds (at least 1). Learned limits are shared, so each process paces at its share of them."""
+        if self._redis is None:
+            return 1
+        key = f"imagegen:{self.namespace}:members"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {member: now})
+            pipe.zremrangebyscore(key, "-inf", now - alive)
+            pipe.zcard(key)
+            pipe.expire(key, int(alive * 4))
+            results = await pipe.execute()
+        return max(1, int(results[2]))

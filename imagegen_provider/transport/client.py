@@ -32,8 +32,9 @@ from imagegen_provider.transport.download import (
     default_ssl_context,
     without_credentials,
 )
-from imagegen_provider.transport.ratelimit import RateLimiter, RateLimits
-from imagegen_provider.transport.retry import RetryPolicy, parse_retry_after
+from imagegen_provider.transport.pacing import reset_hint
+from imagegen_provider.transport.ratelimit import SENT_AT, RateLimiter, RateLimits
+from imagegen_provider.transport.retry import RetryPolicy, header_lookup, parse_retry_after
 from imagegen_provider.wire.dialects import Dialect, get_dialect
 from imagegen_provider.wire.errors import (
     ClientConfigurationError,
@@ -406,6 +407,8 @@ class ImageGenClient:
         """One HTTP exchange under the attempt deadline; the caller holds a slot and a rate-limit admission."""
         secrets = self._secrets(request)
         started = time.monotonic()
+        sent_at = time.time()
+        SENT_AT.set(sent_at)
         try:
             async with asyncio.timeout(self.timeouts.attempt):
                 if request.stream:
@@ -429,6 +432,7 @@ class ImageGenClient:
             # 429s are expected under a limit and handled by the limiter: one line each would drown the log.
             log.log(logging.DEBUG if isinstance(exc, RateLimitError) else logging.WARNING, "Attempt failed: %s", exc)
             raise
+        await self.limiter.on_accepted(sent_at=sent_at)
         return result, time.monotonic() - started
 
     async def _send_plain(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:
@@ -454,7 +458,8 @@ class ImageGenClient:
         if isinstance(error, RateLimitError):
             # Pause every waiting request now, instead of letting each of them hit the wall in turn. The
             # pause is capped like the retry wait: a gateway announcing hours must not stall the batch.
-            pause = error.retry_after
+            # No Retry-After: the refusing budget's own reset time, when the headers name it.
+            pause = error.retry_after if error.retry_after is not None else reset_hint(header_lookup(response.headers))
             if pause is not None and pause > self.retry.max_retry_after:
                 self._log_capped_retry_after(pause)
                 pause = self.retry.max_retry_after

@@ -12,6 +12,7 @@ import logging
 import math
 import re
 from collections import deque
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,27 @@ def announced_limit(header: str, value: str | None) -> float | None:
                     MIN_ANNOUNCED_PER_MINUTE)
         return None
     return announced
+
+
+#: The budgets a gateway may describe in ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` (OpenAI's and
+#: LiteLLM's names; LiteLLM forwards the provider's own under an ``llm_provider-`` prefix).
+RESET_KINDS = ("requests", "images", "tokens")
+
+
+def reset_hint(headers: Mapping[str, str]) -> float | None:
+    """When a 429 names no Retry-After: the longest ``x-ratelimit-reset-<kind>`` among the budgets whose
+    ``x-ratelimit-remaining-<kind>`` is 0 (the one that refused), or ``None``. ``headers`` must have
+    lower-case keys (or be case-insensitive)."""
+    waits = []
+    for prefix in ("", "llm_provider-"):
+        for kind in RESET_KINDS:
+            remaining = headers.get(f"{prefix}x-ratelimit-remaining-{kind}")
+            if remaining is None or remaining.strip() not in ("0", "0.0"):
+                continue
+            wait = parse_duration(headers.get(f"{prefix}x-ratelimit-reset-{kind}"))
+            if wait is not None and math.isfinite(wait) and wait >= 0:
+                waits.append(wait)
+    return max(waits) if waits else None
 
 
 class Pacer:
@@ -153,6 +175,14 @@ class AdaptiveRate:
         else:
             return
         log.info("Gateway refused a request without announcing its limit; pacing at %.2f requests/s", self.rate)
+
+    def adopt(self, rate: float) -> None:
+        """Take up a rate another process (sharing the budget) learned."""
+        self.rate = rate
+
+    def refining(self, now: float) -> bool:
+        """Whether the first wave's refusals are still refining the first estimate."""
+        return self.rate is None or now - self._first_refusal < self.MIN_INTERVAL
 
     def maybe_increase(self, now: float) -> None:
         if self.rate is None or now - max(self._last_change, self._last_refusal) < self.PROBE_AFTER:

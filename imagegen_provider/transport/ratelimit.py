@@ -12,11 +12,22 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from imagegen_provider.transport.budget import SharedBudget, is_shared_backend, per_minute_item
+from imagegen_provider.transport.learner import (
+    WINDOW_SECONDS,
+    Episodes,
+    WindowShape,
+    identify,
+    pause_without_retry_after,
+    revised_capacity,
+    window_start,
+)
 from imagegen_provider.transport.options import Option, option, read_float, read_int
 from imagegen_provider.transport.pacing import (
     BURST_SECONDS,
@@ -30,6 +41,13 @@ from imagegen_provider.transport.pacing import (
 from imagegen_provider.transport.retry import MAX_RETRY_AFTER_SECONDS, header_lookup
 
 log = logging.getLogger(__name__)
+
+#: When the current task's request left (wall clock): set by the client before it sends, read when the answer
+#: comes back, so that refusals and acceptances are counted by send time (what a gateway's window counts).
+SENT_AT: ContextVar[float | None] = ContextVar("imagegen_sent_at", default=None)
+
+#: How often a process looks for a window shape another process sharing the backend learned.
+SHAPE_POLL_SECONDS = 1.0
 
 __all__ = [
     "BURST_SECONDS", "MAX_IMAGES_PER_REQUEST", "RateLimiter", "RateLimits", "parse_duration", "per_minute_item",
@@ -111,15 +129,36 @@ class RateLimiter:
         self._adaptive: AdaptiveRate | None = AdaptiveRate() if limits.requests_per_minute is None else None
         self._answered = limits.requests_per_minute is not None or not limits.probe_first
         self._last_probe = -PROBE_INTERVAL
+        #: The gateway's window, once identified (see :mod:`~imagegen_provider.transport.learner`).
+        self._shape: WindowShape | None = None
+        self._episodes = Episodes()
+        self._shape_polled = 0.0
+        self._rate_polled = 0.0
+        #: Limiters alive on the shared backend (this one included), and this limiter's name among them.
+        self._members = 1
+        self._member_id = f"{id(self):x}-{random.getrandbits(32):x}"
+        #: Send times of this process's accepted requests (the last few seconds' worth).
+        self._accepted_here: deque[float] = deque(maxlen=4096)
 
     # -- configuration -------------------------------------------------------------------------
 
     @property
     def requests_per_minute(self) -> float | None:
         """The request limit in force: configured, announced by the gateway, or learned from 429s."""
+        if self._rpm is None and self._shape is not None:
+            return self._shape.per_minute
         if self._rpm is None and self._adaptive is not None:
             return self._adaptive.per_minute()
         return self._rpm
+
+    @property
+    def window_shape(self) -> WindowShape | None:
+        """The gateway's window, when refusals without ``Retry-After`` identified one."""
+        return self._shape
+
+    @property
+    def _learning(self) -> bool:
+        return self._adaptive is not None and self._rpm is None
 
     @property
     def images_per_minute(self) -> float | None:
@@ -178,9 +217,16 @@ class RateLimiter:
         self._last_probe = now
         return 0.0
 
+    def _request_rate(self, rpm: float) -> float:
+        """This process's request rate (per second) under ``rpm``. A learned limit is everyone's: each process
+        sharing the backend paces evenly at its share, so that the shared window (which admits a whole
+        window's worth at once) never sees the processes' sends bunch up."""
+        rate = rpm / 60.0
+        return rate / self._members if self.shared and self._learning else rate
+
     def _take_local(self, now: float, rpm: float | None, ipm: float | None, images: int) -> float:
         if rpm:
-            rate = rpm / 60.0
+            rate = self._request_rate(rpm)
             wait = self._request_pacer.delay(now, rate, max(1.0, rate * BURST_SECONDS))
             if wait > 0:
                 return wait
@@ -189,7 +235,7 @@ class RateLimiter:
             wait = self._image_pacer.delay(now, rate, max(MAX_IMAGES_PER_REQUEST, rate * BURST_SECONDS), images)
             if wait > 0:
                 if rpm:
-                    self._request_pacer.refund(rpm / 60.0)
+                    self._request_pacer.refund(self._request_rate(rpm))
                 return wait
         return 0.0
 
@@ -200,17 +246,28 @@ class RateLimiter:
         if wait > 0:
             return wait
         if self._adaptive is not None:
+            before = self._adaptive.rate
             self._adaptive.maybe_increase(now)
+            await self._share_rate_change(before, now, lock=AdaptiveRate.PROBE_AFTER)
+        await self._adopt_shared_shape(now)
+        if self._learning:
+            await self._sync_shared_rate(now)
         rpm, ipm = self.requests_per_minute, self._ipm
         images = min(images, MAX_IMAGES_PER_REQUEST)
-        wait = self._take_local(now, rpm, ipm, images)
+        # A learned sliding window is matched exactly (its slots used as they free, no even spacing): after a
+        # first burst it frees at the burst's pace, and spacing would leave most of a minute unused.
+        sliding = self._learning and self._shape is not None and self._shape.kind == "sliding"
+        paced_rpm = None if sliding else rpm
+        wait = self._take_local(now, paced_rpm, ipm, images)
         if wait > 0:
             return wait
-        if self.shared:
-            wait = await self._started().take(rpm, ipm, images)
+        # A learned window is enforced through the budget's moving window even in one process: it keeps every
+        # 60 s (and so every calendar minute) within the window's capacity, where the pacer alone allows a burst.
+        if self.shared or (self._shape is not None and self._learning):
+            wait = await self._started().take(rpm, ipm, images, whole_minute=sliding)
             if wait > 0:
-                if rpm:
-                    self._request_pacer.refund(rpm / 60.0)
+                if paced_rpm:
+                    self._request_pacer.refund(self._request_rate(paced_rpm))
                 if ipm:
                     self._image_pacer.refund(ipm / 60.0, images)
                 return wait
@@ -237,19 +294,112 @@ class RateLimiter:
         await budget.share_pause(until)
 
     async def on_rate_limited(self, retry_after: float | None) -> None:
-        """A 429 arrived: pause everyone for Retry-After (or a short default) so waiting requests do not
-        hit the wall one after another."""
+        """A 429 arrived: pause everyone for Retry-After (or, without one, as long as the gateway's window
+        needs, see :func:`~imagegen_provider.transport.learner.pause_without_retry_after`) so waiting requests
+        do not hit the wall one after another. A burst of refusals is one congestion signal."""
         self._rate_limited += 1
         self._answered = True
-        now = time.monotonic()
-        if self._adaptive is not None and self._rpm is None:
-            self._adaptive.refused(now)
-        seconds = min(retry_after if retry_after is not None else 1.0, self.max_wait)
+        now, wall = time.monotonic(), time.time()
+        sent_at = SENT_AT.get() or wall
+        new_episode = self._episodes.refused(sent_at=sent_at, retry_after=retry_after)
+        adaptive = self._adaptive if self._learning and self._shape is None else None
+        if adaptive is not None and (new_episode or adaptive.refining(now)):
+            before = adaptive.rate
+            adaptive.refused(now)
+            await self._share_rate_change(before, now, lock=AdaptiveRate.MIN_INTERVAL, first=before is None)
+        if retry_after is not None or not self._learning:
+            seconds = min(retry_after if retry_after is not None else 1.0, self.max_wait)
+        else:
+            seconds = min(await self._window_pause(wall), self.max_wait)
         rpm = self.requests_per_minute
         if rpm:
-            rate = rpm / 60.0
+            rate = self._request_rate(rpm)
             self._request_pacer.drain(now + seconds, rate, max(1.0, rate * BURST_SECONDS))
         await self.pause(seconds)
+
+    async def _window_pause(self, wall: float) -> float:
+        """The pause after a refusal without Retry-After; inside a known window, also revise its capacity."""
+        budget = self._started()
+        oldest: float | None = None
+        if self._shape is None:
+            recent = await budget.accepted_since(wall - WINDOW_SECONDS)
+            oldest = recent[0] if recent else None
+        else:
+            accepted = await budget.accepted_since(window_start(self._shape.kind, wall))
+            revised = revised_capacity(self._shape, now=wall,
+                                       accepted_between=lambda a, b: sum(1 for t in accepted if a <= t < b))
+            if revised != self._shape:
+                log.info("Gateway window refused after %d accepted; capacity now %d per minute",
+                         revised.capacity, revised.capacity)
+                await self._set_shape(revised)
+            oldest = accepted[0] if accepted else None
+        return pause_without_retry_after(shape=self._shape, now=wall, elapsed=self._episodes.elapsed(wall),
+                                         oldest_in_window=oldest)
+
+    async def on_accepted(self, *, sent_at: float) -> None:
+        """The gateway accepted a request sent at ``sent_at`` (wall clock). Ends an episode of refusals; one
+        without Retry-After that lasted long identifies the gateway's window."""
+        if not self._learning:
+            return
+        budget = self._started()
+        self._accepted_here.append(sent_at)
+        await budget.record_accepted(sent_at)
+        retry_after_seen = self._episodes.retry_after_seen
+        start = self._episodes.accepted(sent_at=sent_at)
+        if start is None or retry_after_seen:
+            return
+        accepted = await budget.accepted_since(start - WINDOW_SECONDS)
+        shape = identify(episode_start=start, resumed_at=sent_at,
+                         accepted_between=lambda a, b: sum(1 for t in accepted if a <= t < b),
+                         known=self._shape.kind if self._shape is not None else None)
+        if shape is not None and shape != self._shape:
+            log.info("Gateway refuses without Retry-After over a %s window of %d requests; pacing to it",
+                     shape.kind, shape.capacity)
+            await self._set_shape(shape)
+
+    async def _share_rate_change(self, before: float | None, now: float, *, lock: float, first: bool = False) -> None:
+        """With a shared backend, one learned rate for every process: a change this process made is published
+        if no other process changed it within ``lock`` seconds, else the shared rate is taken up instead.
+
+        A process sees only its own share of the traffic, so its first estimate (what the gateway accepted
+        from it in the last second) is scaled by everyone's acceptances over its own."""
+        adaptive = self._adaptive
+        if not self.shared or adaptive is None or adaptive.rate is None or adaptive.rate == before:
+            return
+        budget = self._started()
+        if first:
+            wall = time.time()
+            everyone = len(await budget.accepted_since(wall - 2.0))
+            mine = sum(1 for t in self._accepted_here if t >= wall - 2.0)
+            if everyone > mine > 0:
+                adaptive.adopt(adaptive.rate * everyone / mine)
+        if await budget.claim_rate_change(lock):
+            await budget.share_rate(adaptive.rate)
+            return
+        shared = await budget.shared_rate()
+        adaptive.adopt(shared if shared is not None else before or adaptive.rate)
+
+    async def _sync_shared_rate(self, now: float) -> None:
+        if self._adaptive is None or not self.shared or now - self._rate_polled < SHAPE_POLL_SECONDS / 2:
+            return
+        self._rate_polled = now
+        self._members = await self._started().members(self._member_id, time.time())
+        shared = await self._started().shared_rate() if self._shape is None else None
+        if shared is not None:
+            self._adaptive.adopt(shared)
+
+    async def _set_shape(self, shape: WindowShape) -> None:
+        self._shape = shape
+        await self._started().share_shape(shape)
+
+    async def _adopt_shared_shape(self, now: float) -> None:
+        """With a shared backend, take up (at most once a second) the window another process identified."""
+        if not (self.shared and self._learning) or now - self._shape_polled < SHAPE_POLL_SECONDS:
+            return
+        self._shape_polled = now
+        shared = await self._started().shared_shape()
+        if shared is not None and shared != self._shape:
+            self._shape = shared
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Tune the budgets from ``x-ratelimit-limit-requests`` / ``-images`` when the gateway sends them.
@@ -261,6 +411,9 @@ class RateLimiter:
         self._answered = True
         headers = header_lookup(headers)
         for header, attr in (("x-ratelimit-limit-requests", "_rpm"), ("x-ratelimit-limit-images", "_ipm")):
+            # LiteLLM's proxy forwards the upstream provider's own headers under an ``llm_provider-`` prefix.
+            if header not in headers and f"llm_provider-{header}" in headers:
+                header = f"llm_provider-{header}"
             announced = announced_limit(header, headers.get(header))
             current = getattr(self, attr)
             if announced is not None and (current is None or announced < current):

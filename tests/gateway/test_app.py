@@ -33,7 +33,7 @@ from imagegen_gateway import (
     run_gateway_in_thread,
 )
 from imagegen_gateway.config import parse_latency
-from imagegen_gateway.limiter import GatewayLimiter, TokenBucket, format_duration
+from imagegen_gateway.limiter import FixedWindow, GatewayLimiter, SlidingWindow, TokenBucket, format_duration
 from imagegen_gateway.responses import DroppedConnection
 from imagegen_provider.wire.errors import (
     AuthenticationError,
@@ -484,6 +484,51 @@ def test_token_bucket_refills_with_a_fake_clock() -> None:
     refused = limiter.acquire(1)
     assert not refused.allowed and refused.retry_after == pytest.approx(1.0)
     assert refused.headers["x-ratelimit-remaining-images"] == "0"
+
+
+def test_sliding_window_counts_accepted_requests_over_60_seconds() -> None:
+    now = [1000.0]
+    window = SlidingWindow(per_minute=3, clock=lambda: now[0])
+    for step in range(3):
+        now[0] = 1000.0 + step * 10
+        assert window.wait_time(1) == 0
+        window.take(1)
+    assert window.remaining == 0
+    # The first request leaves the window 60 s after it was taken.
+    assert window.wait_time(1) == pytest.approx(40.0)
+    now[0] = 1060.0
+    assert window.wait_time(1) == 0 and window.remaining == 1
+    # A refusal is not counted: the limiter leaves a sliding window alone.
+    limiter = GatewayLimiter(rpm=1, shape="sliding-window", clock=lambda: now[0])
+    assert limiter.acquire().allowed
+    for _ in range(5):
+        assert not limiter.acquire().allowed
+    now[0] += 60.0
+    assert limiter.acquire().allowed
+
+
+def test_fixed_window_resets_at_the_calendar_minute_and_counts_refusals() -> None:
+    now = [6000.0 + 50.0]  # 50 s into a calendar minute
+    limiter = GatewayLimiter(rpm=2, shape="fixed-window", clock=lambda: now[0])
+    assert limiter.acquire().allowed and limiter.acquire().allowed
+    refused = limiter.acquire()
+    assert not refused.allowed and refused.retry_after == pytest.approx(10.0)
+    assert limiter.requests is not None and limiter.requests.remaining == 0
+    now[0] = 6060.0  # :00 of the next minute: the whole capacity again, whatever was refused before
+    assert limiter.acquire().allowed and limiter.acquire().allowed
+    assert not limiter.acquire().allowed
+    # Refused requests were counted too (the counter is past capacity), as LiteLLM's proxy counts them.
+    window = limiter.requests
+    assert isinstance(window, FixedWindow) and window._count == 3
+
+
+async def test_fixed_window_without_headers_sends_neither_retry_after_nor_ratelimit_headers() -> None:
+    async with gateway(rpm=1, limiter="fixed-window", rate_limit_headers=False, retry_after_header=False) as client:
+        assert (await client.post(OPENAI, json={"prompt": "x"})).status_code == 200
+        refused = await client.post(OPENAI, json={"prompt": "x"})
+        assert refused.status_code == 429
+        assert "retry-after" not in refused.headers and "retry-after-ms" not in refused.headers
+        assert not [h for h in refused.headers if h.startswith("x-ratelimit")]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from imagegen_provider.transport import RateLimiter, RateLimits
-from imagegen_provider.transport.pacing import AdaptiveRate, Pacer, announced_limit
+from imagegen_provider.transport.pacing import AdaptiveRate, Pacer, announced_limit, reset_hint
 
 
 def test_pacer_spaces_sends_after_the_burst():
@@ -77,3 +77,20 @@ async def test_every_wait_is_bounded_by_max_wait():
     await limiter.on_rate_limited(3600.0)
     waited = await limiter.acquire()
     assert waited < 1.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"}, 1.5),
+        ({"x-ratelimit-remaining-requests": "3", "x-ratelimit-reset-requests": "1.5s"}, None),
+        ({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s",
+          "x-ratelimit-remaining-images": "0", "x-ratelimit-reset-images": "6m0s"}, 360.0),
+        ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "120ms"}, 0.12),
+        ({"llm_provider-x-ratelimit-remaining-requests": "0", "llm_provider-x-ratelimit-reset-requests": "2s"}, 2.0),
+        ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_reset_hint_names_the_refusing_budget(headers, expected):
+    assert reset_hint(headers) == (None if expected is None else pytest.approx(expected))

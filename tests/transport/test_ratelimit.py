@@ -91,6 +91,13 @@ def test_observe_headers_requests(configured, headers: Mapping[str, str], expect
     assert limiter.images_per_minute is None
 
 
+def test_observe_headers_reads_litellm_forwarded_provider_limits():
+    limiter = RateLimiter(RateLimits())
+    limiter.observe_headers({"llm_provider-x-ratelimit-limit-requests": "500",
+                             "llm_provider-x-ratelimit-limit-images": "50"})
+    assert limiter.requests_per_minute == 500 and limiter.images_per_minute == 50
+
+
 def test_observe_headers_images_and_repeated_announcements():
     limiter = RateLimiter(RateLimits(images_per_minute=50))
     limiter.observe_headers({"x-ratelimit-limit-images": "40", "x-ratelimit-limit-requests": "1000"})
@@ -207,7 +214,10 @@ async def test_hidden_limit_is_learned_from_429s():
     learned = limiter.requests_per_minute
     assert learned == pytest.approx(10 * 60, rel=0.01)
     await asyncio.sleep(1.05)
-    await limiter.on_rate_limited(0.0)  # a refusal a second later cuts it by 15%
+    await limiter.on_rate_limited(0.0)  # the same burst of refusals: one congestion signal, no further cut
+    assert limiter.requests_per_minute == pytest.approx(learned)
+    await limiter.on_accepted(sent_at=time.time())  # the burst is over...
+    await limiter.on_rate_limited(0.0)  # ...and a new one a second later cuts it by 15%
     assert limiter.requests_per_minute == pytest.approx(learned * 0.85)
 
 

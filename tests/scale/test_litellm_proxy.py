@@ -1,0 +1,108 @@
+"""A real LiteLLM proxy in front of the bundled gateway, enforcing a deployment ``rpm`` with
+``enforce_model_rate_limits`` (a calendar-minute window that counts refused requests and sends neither
+Retry-After nor rate-limit headers), under an aliased model name. ``imagegen run`` with no ``--rpm`` must learn
+the window: at least 0.95·R over the whole minutes of the run, at most 5 % of requests answered 429, every
+image delivered, and the cost filled for the alias (the proxy's ``x-litellm-response-cost``, else
+``--price-as``).
+
+Needs ``pip install 'litellm[proxy]'``; skipped without it. No database, no network:
+``LITELLM_LOCAL_MODEL_COST_MAP=True`` keeps the proxy from downloading its cost map.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import free_port, wait_for_port
+from tests.scale._support import PYTHON, REPO, child_env, gateway_process, stop_group, write_prompts
+from tests.scale.test_limiter_shapes import whole_minutes
+
+RATE = 120
+ALIAS = "house-images"
+#: The proxy refuses to start without a master key (no database needed for it).
+MASTER_KEY = "sk-" + secrets.token_hex(16)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("litellm") is None or importlib.util.find_spec("apscheduler") is None,
+    reason="litellm[proxy] is not installed",
+)
+
+CONFIG = """\
+model_list:
+  - model_name: {alias}
+    litellm_params:
+      model: openai/dall-e-2
+      api_base: {api_base}
+      api_key: k
+      rpm: {rate}
+router_settings:
+  optional_pre_call_checks: ["enforce_model_rate_limits"]
+general_settings:
+  master_key: {master_key}
+litellm_settings:
+  telemetry: false
+  drop_params: true
+"""
+
+
+def _proxy(tmp_path, api_base: str) -> tuple[subprocess.Popen, int]:
+    config = tmp_path / "litellm.yaml"
+    config.write_text(CONFIG.format(alias=ALIAS, api_base=api_base, rate=RATE, master_key=MASTER_KEY))
+    port = free_port()
+    env = child_env(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False")
+    log = open(tmp_path / "litellm.log", "w")  # noqa: SIM115 - closed with the test's tmp_path
+    process = subprocess.Popen(
+        [shutil.which("litellm") or "litellm", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    return process, port
+
+
+@pytest.mark.e2e
+def test_engine_learns_a_litellm_proxy_rpm(tmp_path, record_property):
+    rows = RATE * 2 + RATE // 12
+    with gateway_process("--latency", "0.05-0.2") as gateway:
+        proxy, port = _proxy(tmp_path, gateway.api_base)
+        try:
+            wait_for_port(port, timeout=90)
+            started = time.time()
+            out = subprocess.run(
+                [PYTHON, "-m", "imagegen_provider.cli", "run", str(write_prompts(tmp_path / "p.parquet", "l", rows)),
+                 str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", MASTER_KEY,
+                 "--model", ALIAS, "--size", "256x256", "--max-in-flight", "8", "--allow-private-image-urls",
+                 "--price-as", f"{ALIAS}=dall-e-2", "--json"],
+                capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=400,
+            )
+            ended = time.time()
+        finally:
+            stop_group(proxy)
+        stats = gateway.stats()
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = json.loads(out.stdout)["run"]
+    log = (tmp_path / "litellm.log").read_text(errors="replace")
+    refused = log.count(" 429 ")
+    # The proxy refuses before the gateway: its 429s are in its access log; the gateway saw only accepted ones.
+    requests = stats["generation_requests"] + refused
+    last = max((int(s) for s, _ in stats["accepted_timeline"]), default=int(ended))
+    minutes = whole_minutes(stats["accepted_timeline"], started, min(ended, last))
+    figures = {"succeeded": run["succeeded"], "rows": rows, "proxy_429": refused, "requests": requests,
+               "share_429": round(refused / max(1, requests), 4), "whole_minutes": minutes,
+               "throughput_over_r": round(sum(minutes) / len(minutes) / RATE, 3) if minutes else None}
+    record_property("figures", figures)
+    print("litellm proxy:", json.dumps(figures), file=sys.stderr)
+    assert run["succeeded"] == rows, figures
+    # LiteLLM refuses response_format for dall-e-2 (drop_params drops it): images come as loopback URLs.
+    costs = pq.read_table(tmp_path / "out" / "metadata.parquet").column("cost_usd").to_pylist()
+    assert costs and all(cost is not None and cost > 0 for cost in costs), costs[:5]
+    assert figures["share_429"] <= 0.05, figures
+    assert minutes and figures["throughput_over_r"] >= 0.95, figures
+
