@@ -106,3 +106,31 @@ def test_engine_learns_a_litellm_proxy_rpm(tmp_path, record_property):
     assert figures["share_429"] <= 0.05, figures
     assert minutes and figures["throughput_over_r"] >= 0.95, figures
 
+
+
+@pytest.mark.e2e
+def test_max_cost_holds_through_a_litellm_proxy_with_an_aliased_model(tmp_path):
+    """The alias has no list price; ``--price-as`` prices it, so ``--max-cost`` is enforced before spending."""
+    with gateway_process("--latency", "0.05-0.2") as gateway:
+        proxy, port = _proxy(tmp_path, gateway.api_base)
+        try:
+            wait_for_port(port, timeout=90)
+            out = subprocess.run(
+                [PYTHON, "-m", "imagegen_provider.cli", "run", str(write_prompts(tmp_path / "p.parquet", "c", 20)),
+                 str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", MASTER_KEY,
+                 "--model", ALIAS, "--size", "256x256", "--max-in-flight", "4", "--allow-private-image-urls",
+                 "--price-as", f"{ALIAS}=dall-e-2", "--max-cost", "0.05", "--json"],
+                capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=300,
+            )
+        finally:
+            stop_group(proxy)
+        charged = gateway.stats()["spent_usd"]
+    run = json.loads(out.stdout)["run"]
+    print("litellm proxy, --max-cost 0.05:", json.dumps({"succeeded": run["succeeded"], "cost_usd": run["cost_usd"],
+                                                          "charged": charged, "stopped": run["stopped_reason"]}),
+          file=sys.stderr)
+    assert out.returncode == 1 and run["stopped_reason"].startswith("budget"), out.stderr[-2000:]
+    assert 0 < run["succeeded"] < 20
+    assert run["cost_usd"] == pytest.approx(charged) and charged <= 0.05 + 1e-9
+    rows = pq.read_table(tmp_path / "out" / "metadata.parquet").to_pylist()
+    assert rows and all(row["cost_usd"] and row["cost_usd"] > 0 for row in rows)
