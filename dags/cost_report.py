@@ -15,10 +15,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Param, task
 
-from imagegen_provider.engine.metadata import read_metadata
-from imagegen_provider.engine.report import GROUP_COLUMNS, plot_cost_report
-from imagegen_provider.engine.schema import COLUMNS, STATUS_SUCCEEDED
-from imagegen_provider.engine.storage import StorageLocation
+from imagegen_provider.engine.report import build_cost_report, plot_cost_report
 from imagegen_provider.operators.image_generation import metadata_asset_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,57 +23,6 @@ ROOT = os.environ.get("IMAGEGEN_OUTPUT_ROOT", str(REPO / "output"))
 OUTPUTS = [os.path.join(ROOT, name) for name in ("synthetic_dataset", "synthetic_dataset_sharded",
                                                   "synthetic_dataset_batch")]
 ASSETS = [metadata_asset_for(path) for path in OUTPUTS]
-SIMULATED = "simulated"
-
-
-def spend_rows(outputs: list[str], *, include_simulated: bool) -> Any:
-    """Every metadata row of ``outputs`` (all runs, all attempts: a retried image may have been paid twice),
-    without simulated spend unless asked. Reads the ``api`` column when the metadata has one."""
-    import pandas as pd
-
-    wanted = [c for c in ("run_id", "prompt_id", "image_index", "status", "model", "provider", "dag_id",
-                          "cost_usd", "cost_source", "finished_at", "api") if c in COLUMNS]
-    frames = []
-    for output in outputs:
-        location = StorageLocation.from_url(output)
-        frame = read_metadata(location, wanted).to_pandas()
-        frame["output"] = location.uri
-        frames.append(frame)
-    rows = pd.concat(frames, ignore_index=True).drop_duplicates(
-        ["output", "run_id", "prompt_id", "image_index", "finished_at"]
-    )
-    if not include_simulated:
-        rows = rows[rows["cost_source"] != SIMULATED]
-    return rows
-
-
-def summarize(rows: Any) -> Any:
-    """One row per (day, model, provider, dag_id[, api]): images succeeded and failed, cost, unpriced images."""
-    import pandas as pd
-
-    groups = [*GROUP_COLUMNS, *(["api"] if "api" in rows.columns else [])]
-    columns = [*groups, "images_succeeded", "images_failed", "cost_usd", "unpriced_images"]
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
-    rows = rows.assign(
-        day=rows["finished_at"].dt.strftime("%Y-%m-%d"),
-        succeeded=rows["status"] == STATUS_SUCCEEDED,
-    )
-    rows["unpriced"] = rows["succeeded"] & rows["cost_usd"].isna()
-    for column in groups[1:]:
-        rows[column] = rows[column].fillna("unknown")
-    report = (
-        rows.groupby(groups, dropna=False)
-        .agg(
-            images_succeeded=("succeeded", "sum"),
-            images_failed=("succeeded", lambda s: int((~s).sum())),
-            cost_usd=("cost_usd", "sum"),
-            unpriced_images=("unpriced", "sum"),
-        )
-        .reset_index()
-    )
-    report["cost_usd"] = report["cost_usd"].round(6)
-    return report[columns]
 
 
 with DAG(
@@ -97,19 +43,14 @@ with DAG(
     @task
     def report(params: dict[str, Any] | None = None) -> dict[str, Any]:
         include_simulated = bool((params or {}).get("include_simulated", False))
-        rows = spend_rows(OUTPUTS, include_simulated=include_simulated)
-        frame = summarize(rows)
+        frame = build_cost_report(OUTPUTS, include_simulated=include_simulated)
         reports = os.path.join(ROOT, "reports")
         os.makedirs(reports, exist_ok=True)
         table_path = os.path.join(reports, "cost_report.parquet")
         chart_path = os.path.join(reports, "cost_report.png")
         frame.to_parquet(table_path, index=False)
         plot_cost_report(frame, chart_path)
-        # Empty without an ``api`` column (not None: Airflow 3.0 refuses a None XCom of a multiple-outputs task).
-        spend_by_api = (
-            {str(k): round(float(v), 6) for k, v in frame.groupby("api")["cost_usd"].sum().items()}
-            if "api" in frame.columns else {}
-        )
+        spend_by_api = {str(k): round(float(v), 6) for k, v in frame.groupby("api")["cost_usd"].sum().items()}
         return {
             "report": table_path,
             "chart": chart_path,

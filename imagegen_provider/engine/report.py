@@ -12,19 +12,28 @@ from typing import Any
 import pandas as pd
 
 from imagegen_provider.engine.metadata import distinct_attempts, read_metadata
-from imagegen_provider.engine.schema import STATUS_SUCCEEDED
+from imagegen_provider.engine.schema import COST_SIMULATED, STATUS_SUCCEEDED
 from imagegen_provider.engine.storage import StorageLocation
 
 GROUP_COLUMNS = ["day", "model", "provider", "dag_id"]
 #: Reported groups: ``api`` splits sync from batch spend (rows written before the column existed are sync).
 REPORT_GROUPS = [*GROUP_COLUMNS, "api"]
-_READ = ["run_id", "prompt_id", "image_index", "status", "model", "provider", "dag_id", "cost_usd", "finished_at",
-         "api"]
+_READ = ["run_id", "prompt_id", "image_index", "status", "model", "provider", "dag_id", "cost_usd", "cost_source",
+         "finished_at", "api"]
 
 
-def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def build_cost_report(
+    outputs: Iterable[Any],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    include_simulated: bool = False,
+) -> pd.DataFrame:
     """One row per (day, model, provider, dag_id, api): ``images_succeeded``, ``images_failed``, ``cost_usd``,
-    ``unpriced_images`` (succeeded images without a known cost). Outputs with no metadata are skipped."""
+    ``unpriced_images`` (succeeded images without a known cost). Outputs with no metadata are skipped.
+
+    :param include_simulated: count the bundled gateway's simulated charges (``cost_source = "simulated"``) as
+        spend; by default they are left out, since no money was spent.
+    """
     frames = []
     for output in outputs:
         location = StorageLocation.from_url(output, storage_options)
@@ -40,6 +49,10 @@ def build_cost_report(outputs: Iterable[Any], storage_options: Mapping[str, Any]
     # two rows of the same attempt (failed, then succeeded, same cost): the success is the one that counts.
     rows = pd.concat(frames, ignore_index=True)
     rows = distinct_attempts(rows, key=("output",))
+    if not include_simulated:
+        rows = rows[rows["cost_source"] != COST_SIMULATED]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
     rows["day"] = rows["finished_at"].dt.strftime("%Y-%m-%d")
     for column in ("model", "provider", "dag_id"):
         rows[column] = rows[column].fillna("unknown")

@@ -296,3 +296,19 @@ async def test_cost_report_aggregates_the_full_history_and_plots_a_png(tmp_path,
     with Image.open(plot_cost_report(empty, str(tmp_path / "empty.png"))) as image:
         assert image.format == "PNG"
     assert SMALL["model"] == "dall-e-2"
+
+
+async def test_cost_report_leaves_simulated_spend_out_unless_asked(tmp_path, gateway):
+    ids, texts = numbered(2)
+    path = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
+    real, simulated = tmp_path / "real", tmp_path / "simulated"
+    await run_batch(gateway, prompts=path, output=str(real))
+    await run_batch(gateway, prompts=path, output=str(simulated), simulated=True)
+    assert set(current(simulated)["cost_source"]) == {"simulated"}
+
+    default = build_cost_report([str(real), str(simulated)])
+    assert default["cost_usd"].sum() == pytest.approx(2 * SMALL_PRICE)
+    assert int(default["images_succeeded"].sum()) == 2
+    everything = build_cost_report([str(real), str(simulated)], include_simulated=True)
+    assert everything["cost_usd"].sum() == pytest.approx(4 * SMALL_PRICE)
+    assert build_cost_report([str(simulated)]).empty
