@@ -15,12 +15,19 @@ import shutil
 import time
 from pathlib import Path
 
+import airflow
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import free_port, wait_for_port
 from tests.scale._support import REPO, child_env, gateway_process
 from tests.scale.test_sharded_dag_e2e import AirflowDeployment, _task_runner_of, descendants
+
+# Airflow 3.0.x's triggerer dies with "Response read out of order!" when a trigger's requests to its supervisor
+# overlap (seen in CI on 3.0.6 as the trigger read its connection); 3.1 and later serialise them. On 3.0, run
+# batch mode with deferrable=False (the task waits on its worker).
+_AIRFLOW = tuple(int(part) for part in airflow.__version__.split(".")[:2])
+pytestmark = pytest.mark.skipif(_AIRFLOW < (3, 1), reason="Airflow 3.0.x triggerer bug: Response read out of order")
 
 DAG_ID = "synthetic_dataset_batch"
 TASK_ID = "generate_images_batch"
