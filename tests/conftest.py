@@ -3,12 +3,14 @@ Redis)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +176,36 @@ def airflow_db() -> str:
     airflow = shutil.which("airflow", path=os.path.dirname(sys.executable)) or "airflow"
     subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True, env=os.environ.copy())
     return os.environ["AIRFLOW_HOME"]
+
+
+# -- Airflow connections for the object stores (operators and hooks read them from AIRFLOW_CONN_* variables) ------
+
+
+@pytest.fixture
+def no_store_credentials_in_env(monkeypatch):
+    """No AWS_*/AZURE_* variables: a test that passes proves the credentials came from the connection."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "AZURE_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def aws_conn(s3_server, monkeypatch) -> str:
+    """An ``aws`` connection to the moto S3 server."""
+    conn_id = f"moto_{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"endpoint_url": s3_server["endpoint"], "region_name": "us-east-1"},
+    }))
+    return conn_id
+
+
+@pytest.fixture
+def adls_conn(azurite, monkeypatch) -> str:
+    """An ``adls`` connection to Azurite (needs the Microsoft Azure provider)."""
+    pytest.importorskip("airflow.providers.microsoft.azure")
+    conn_id = f"azurite_{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
+        "conn_type": "adls", "extra": {"connection_string": azurite["connection_string"]},
+    }))
+    return conn_id

@@ -4,7 +4,6 @@ provider builds from the connection, with no credentials in the environment, URI
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import pyarrow as pa
@@ -19,33 +18,8 @@ from ..engine._support import current, numbered, run_batch, write_prompts
 pytest.importorskip("airflow.providers.amazon")
 
 
-@pytest.fixture(autouse=True)
-def _no_store_credentials_in_env(monkeypatch):
-    import os
-
-    for name in list(os.environ):
-        if name.startswith(("AWS_", "AZURE_")):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def aws_conn(s3_server, monkeypatch) -> str:
-    conn_id = f"moto_{uuid.uuid4().hex[:6]}"
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": s3_server["endpoint"], "region_name": "us-east-1"},
-    }))
-    return conn_id
-
-
-@pytest.fixture
-def azure_conn(azurite, monkeypatch) -> str:
-    pytest.importorskip("airflow.providers.microsoft.azure")
-    conn_id = f"azurite_{uuid.uuid4().hex[:6]}"
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
-        "conn_type": "adls", "extra": {"connection_string": azurite["connection_string"]},
-    }))
-    return conn_id
+# Credentials come from the Airflow connection only: none from the environment.
+pytestmark = pytest.mark.usefixtures("no_store_credentials_in_env")
 
 
 async def test_s3_prompts_and_output_through_an_aws_connection(tmp_path, gateway, s3_server, aws_conn):
@@ -70,11 +44,11 @@ async def test_s3_prompts_and_output_through_an_aws_connection(tmp_path, gateway
     assert all(uri.startswith(f"{base}/out/images/") for uri in rows["image_uri"])
 
 
-async def test_az_output_through_an_azure_connection(tmp_path, gateway, azurite, azure_conn):
+async def test_az_output_through_an_adls_connection(tmp_path, gateway, azurite, adls_conn):
     ids, texts = numbered(3)
     prompts = write_prompts(tmp_path / "p.parquet", texts, ids=ids)
     url = f"az://{azurite['container']}/conn-{uuid.uuid4().hex[:8]}"
-    output, _ = await asyncio.to_thread(resolve_store, url, conn_id=azure_conn, storage_options=None, role="output")
+    output, _ = await asyncio.to_thread(resolve_store, url, conn_id=adls_conn, storage_options=None, role="output")
     summary = await run_batch(gateway, prompts=prompts, output=output)
     assert summary.succeeded == 3 and summary.output_uri == url  # az:// as written, not abfs://
     assert all(uri.startswith(f"{url}/images/") for uri in current(output)["image_uri"])

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 import pandas as pd
@@ -23,31 +22,8 @@ from .conftest import FAST_REQUEST, make_context, write_prompts
 pytest.importorskip("airflow.providers.amazon")
 
 
-@pytest.fixture(autouse=True)
-def _no_store_credentials_in_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith(("AWS_", "AZURE_")):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def aws_conn(s3_server, monkeypatch) -> str:
-    conn_id = f"moto_{uuid.uuid4().hex[:6]}"
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": s3_server["endpoint"], "region_name": "us-east-1"},
-    }))
-    return conn_id
-
-
-@pytest.fixture
-def adls_conn(azurite, monkeypatch) -> str:
-    pytest.importorskip("airflow.providers.microsoft.azure")
-    conn_id = f"azurite_{uuid.uuid4().hex[:6]}"
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({
-        "conn_type": "adls", "extra": {"connection_string": azurite["connection_string"]},
-    }))
-    return conn_id
+# Credentials come from the Airflow connection only: none from the environment.
+pytestmark = pytest.mark.usefixtures("no_store_credentials_in_env")
 
 
 def test_s3_prompts_and_output_through_an_aws_connection(tmp_path, s3_server, aws_conn, make_conn, prompts_file):
