@@ -58,20 +58,6 @@ def packaged_prices() -> dict[str, Any]:
     return data
 
 
-def read_price_file(path: str) -> dict[str, Any]:
-    """A price file shaped like ``prices.json`` (overrides only need the entries they change)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except OSError as exc:
-        raise ValueError(f"price file {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"price file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"price file {path} must hold a JSON object shaped like prices.json")
-    return data
-
-
 class PriceTable:
     """List prices from ``imagegen_provider/data/prices.json``, optionally overridden (same shape).
 
