@@ -155,7 +155,9 @@ class BatchService:
             batch.move(BatchStatus.FAILED)
             return
         batch.total = total
-        batch.move(BatchStatus.IN_PROGRESS)
+        # A cancel that arrived while the file was being validated stands: the batch stays cancelling.
+        if batch.status is not BatchStatus.CANCELLING:
+            batch.move(BatchStatus.IN_PROGRESS)
         await self._delay(batch)
         outputs = _Outputs(self.gateway.uploads.open_output(f"{batch.id}_output.jsonl"),
                            self.gateway.uploads.open_output(f"{batch.id}_error.jsonl"))
