@@ -53,6 +53,19 @@ def _wait_for(predicate, *, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _quiet(gateway, seconds: float):
+    """A predicate: no request has arrived at ``gateway`` for ``seconds``."""
+    seen = {"count": -1, "since": 0.0}
+
+    def predicate() -> bool:
+        count = gateway.stats()["generation_requests"]
+        if count != seen["count"]:
+            seen.update(count=count, since=time.monotonic())
+        return time.monotonic() - seen["since"] >= seconds
+
+    return predicate
+
+
 @pytest.mark.e2e
 def test_sigterm_stops_the_batch_and_leaves_it_resumable(airflow_db, gateway_factory, tmp_path):
     # Two requests at a time, 1.5 s each: after the first pair arrives the next is over a second away.
@@ -85,8 +98,11 @@ def test_sigterm_stops_the_batch_and_leaves_it_resumable(airflow_db, gateway_fac
     )
     try:
         _wait_for(lambda: slow.stats()["generation_requests"] >= 2, seconds=180, what="the first requests")
-        task.send_signal(signal.SIGTERM)
+        # The first request goes alone (the pacer's cold-start probe) and the next ones follow together when it
+        # answers: signal in the quiet second after a burst, not between two requests of the same burst.
+        _wait_for(_quiet(slow, 0.3), seconds=30, what="a quiet moment between requests")
         sent_at_signal = slow.stats()["generation_requests"]
+        task.send_signal(signal.SIGTERM)
         log, _ = task.communicate(timeout=120)
     finally:
         if task.poll() is None:
