@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import metrics
+from bench.litellm_proxy import ALIAS as PROXY_ALIAS
+from bench.litellm_proxy import UPSTREAM_MODEL as PROXY_UPSTREAM
+from bench.litellm_proxy import count_refusals, litellm_binary, new_master_key
+from bench.litellm_proxy import write_config as write_proxy_config
 from bench.machine import LoadMeter, code_fingerprint
-from bench.procs import BenchError, Child, ChildResult, Gateway, Redis, wait_children
+from bench.procs import BenchError, Child, ChildResult, Gateway, LiteLLMProxy, Redis, wait_children
 from bench.prompts import make_table, prompt_texts
 from bench.storage import case_storage
 from bench.verify import case_verify
@@ -42,6 +46,8 @@ class Params:
     fault_seed: int = 2026
     #: Batch case: images in the small and the large batch.
     batch_sizes: tuple[int, int] = (100, 2_000)
+    #: limiter_shapes: the row groups and shapes to run (``--shape-rows``); empty: all of them.
+    shape_rows: tuple[str, ...] = ()
 
 
 QUICK = Params(quick=True, rpm=1200, n=300, faults_n=300, overhead_n=300, memory_sizes=(1_000, 10_000), parallel=True,
@@ -58,6 +64,9 @@ TARGETS = {
     "batch_cost_ratio": ("<=", 0.5, "batch mode: cost per image batch ÷ sync ≤ 0.5"),
     "storage_requests_per_image": ("<=", 1.5, "object store: storage requests per image ≤ 1.5"),
     "storage_speed_ratio": (">=", 0.67, "object store: images/s to Azurite ≥ 0.67 × local folder"),
+    "proxy_throughput_over_r": (">=", 0.95, "through a LiteLLM proxy enforcing rpm R, no --rpm: ≥ 0.95·R"),
+    "proxy_429_share": ("<=", 0.05, "through a LiteLLM proxy: ≤ 5 % of requests answered 429"),
+    "proxy_cost_filled": (">=", 1.0, "through a LiteLLM proxy, aliased model: every image row has its cost"),
 }
 
 #: dall-e-2 256x256 as b64_json: the smallest image the gateway renders for a documented model.
@@ -743,6 +752,194 @@ def case_limiter_shapes(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+# -- limiter shapes: the peers and a real LiteLLM proxy (issue 11) --------------------------------------------
+
+#: Row groups of the limiter_shapes case, chosen with ``--shape-rows`` (default: all). ``engine`` is our engine
+#: alone and as 4 processes through Redis; ``openai`` and ``litellm`` the two peers; ``proxy`` our engine through
+#: a real LiteLLM proxy.
+SHAPE_ROW_GROUPS = ("engine", "openai", "litellm", "proxy")
+#: Requests in flight for each peer and the proxy run: the engine rows' ``--max-in-flight``.
+SHAPE_IN_FLIGHT = 16
+#: Gateway latency of every limiter_shapes run.
+SHAPE_LATENCY = "0.05-0.2"
+
+
+def shape_selection(params: Params) -> tuple[list[str], list[str]]:
+    """(row groups, shapes) chosen by ``params.shape_rows``: names of either kind; a kind not named means all."""
+    chosen = set(params.shape_rows)
+    groups = [group for group in SHAPE_ROW_GROUPS if group in chosen] or list(SHAPE_ROW_GROUPS)
+    shapes = [shape for shape in LIMITER_SHAPES if shape in chosen] or list(LIMITER_SHAPES)
+    return groups, shapes
+
+
+def _shape_rows_per_run(params: Params) -> int:
+    """Rows for one run: the case's whole minutes at R and a little, like the engine rows."""
+    return -(-params.rpm * (12 * SHAPE_MINUTES[params.quick] + 1) // 12)
+
+
+def _judged_minutes(timeline: list[list[int]], started: float, ended: float) -> list[int]:
+    """Whole calendar minutes while the client had work: up to its last accepted second at the latest."""
+    last_accepted = max((int(second) for second, _ in timeline), default=int(ended))
+    return _whole_minutes(timeline, started, min(ended, last_accepted))
+
+
+def _over_r(minutes: list[int], rate: int) -> float | None:
+    return round(sum(minutes) / len(minutes) / rate, 4) if minutes else None
+
+
+def _shape_peer_runs(ctx: Ctx, *, groups: list[str], shapes: list[str]) -> list[ClientRun]:
+    """One run per peer and shape, each against its own gateway with that hidden shape; nobody is told R."""
+    p = ctx.params
+    table = make_table(ctx.case_dir("limiter_shapes") / "peers-prompts.parquet", _shape_rows_per_run(p),
+                       prefix="peer-")
+    narrow = replace(p, concurrency=SHAPE_IN_FLIGHT)
+    runs = []
+    for shape in shapes:
+        gw = ["--rpm", str(p.rpm), "--latency", SHAPE_LATENCY, "--fault-seed", str(p.fault_seed),
+              *LIMITER_SHAPES[shape]]
+        for group in groups:
+            if group == "openai":
+                run = _openai(table, SMALL_IMAGE, narrow, gw=gw)
+            elif group == "litellm":
+                run = _litellm(table, SMALL_IMAGE, narrow, rpm=None, gw=gw)
+            else:
+                continue
+            run.key, run.label = f"{group}-{shape}", f"{run.label}, {shape}"
+            runs.append(run)
+    return runs
+
+
+def _shape_peer_rows(ctx: Ctx, *, groups: list[str], shapes: list[str]) -> dict[str, dict[str, Any]]:
+    """The openai SDK and the LiteLLM Router against each hidden shape, 1 process each, no rpm: baselines,
+    reported as measured (no targets): throughput/R over whole minutes, % 429 and images delivered."""
+    p = ctx.params
+    runs = _shape_peer_runs(ctx, groups=groups, shapes=shapes)
+    if not runs:
+        return {}
+    # Peers that give images up after their retries still end; a stuck one is stopped after twice the case's
+    # length (and the case then reports the benchmark broken: a peer hanging is not a figure).
+    timeout = 60.0 * (2 * SHAPE_MINUTES[p.quick] + 6)
+    records = run_clients(ctx, "limiter_shapes", runs, rpm=p.rpm, timeout=timeout)
+    for run in runs:
+        record = records[run.key]
+        minutes = _judged_minutes(record["timeline"], record["t0_unix"], record["t0_unix"] + record["wall_s"])
+        record.update(shape=run.key.split("-", 1)[1], client=run.key.split("-", 1)[0], workers=1,
+                      whole_minutes=minutes, throughput_over_r=_over_r(minutes, p.rpm),
+                      images_delivered=record["images_kept"])
+    return records
+
+
+def _proxy_client(ctx: Ctx, table: Path, output: Path, proxy: LiteLLMProxy, master_key: str) -> Child:
+    """``imagegen run`` through the proxy under the alias, no --rpm, priced as the model the alias stands for."""
+    argv = [sys.executable, "-m", "imagegen_provider.cli", "run", str(table), str(output),
+            "--base-url", proxy.v1, "--api-key", master_key, "--model", PROXY_ALIAS, "--size", SMALL_IMAGE["size"],
+            "--max-in-flight", str(SHAPE_IN_FLIGHT), "--max-attempts", str(ctx.params.attempts),
+            # drop_params drops response_format for dall-e-2, so images come as the gateway's loopback URLs.
+            "--allow-private-image-urls", "--price-as", f"{PROXY_ALIAS}={PROXY_UPSTREAM}", "--json"]
+    return Child(argv, ctx.out / "logs" / "shapes-proxy-engine.log", stdout_path=output.with_suffix(".json"))
+
+
+def _cost_filled(metadata: Path) -> tuple[int, int, dict[str, int]]:
+    """(rows, rows whose cost_usd is filled, rows per cost_source) of the run's metadata table."""
+    import pyarrow.parquet as pq
+
+    if not metadata.exists():
+        return 0, 0, {}
+    table = pq.read_table(metadata, columns=["cost_usd", "cost_source"])
+    costs = table.column("cost_usd").to_pylist()
+    sources: dict[str, int] = {}
+    for source in table.column("cost_source").to_pylist():
+        sources[str(source)] = sources.get(str(source), 0) + 1
+    return len(costs), sum(cost is not None for cost in costs), sources
+
+
+def _shape_proxy_measure(ctx: Ctx, folder: Path, table: Path) -> dict[str, Any]:
+    """Start the gateway (no limit of its own), the proxy enforcing R in front of it, and one ``imagegen run``
+    through the proxy; what each of them saw. Everything started here is stopped here."""
+    p, logs = ctx.params, ctx.out / "logs"
+    gateway = Gateway(["--latency", SHAPE_LATENCY, "--fault-seed", str(p.fault_seed)], logs / "shapes-proxy-gateway.log")
+    proxy: LiteLLMProxy | None = None
+    try:
+        gateway.start()
+        master_key = new_master_key()
+        config = write_proxy_config(folder / "litellm.yaml", api_base=gateway.v1, rpm=p.rpm, master_key=master_key)
+        proxy = LiteLLMProxy(config, logs / "shapes-proxy-litellm.log").start()
+        ctx.log(f"  [limiter_shapes] proxy: LiteLLM proxy {proxy.v1} (rpm {p.rpm}, enforce_model_rate_limits, "
+                f"model_name {PROXY_ALIAS}) → gateway {gateway.v1}; imagegen run, no --rpm; code {code_fingerprint()}")
+        meter = LoadMeter()
+        child = _proxy_client(ctx, table, folder / "proxy-out", proxy, master_key)
+        [result] = wait_children([child], timeout=60.0 * (2 * SHAPE_MINUTES[p.quick] + 6), gateways=[gateway])
+        proxy_cpu = proxy.cpu_since_start()
+        return {"result": result, "stats": gateway.stats(), "refused": count_refusals(proxy.log_text()),
+                "proxy_cpu_s": proxy_cpu, "load": meter.foreign_cores(result.cpu_s + proxy_cpu
+                                                                       + result.gateway_cpu.get("cpu_s", 0.0))}
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        gateway.stop()
+
+
+def _shape_proxy_row(ctx: Ctx) -> dict[str, Any]:
+    """Our engine through a real LiteLLM proxy enforcing rpm R (calendar minute, refusals counted, no headers),
+    aliased model name, no --rpm: throughput/R over whole minutes, % 429 (the proxy's refusals) and cost filled."""
+    if litellm_binary() is None:
+        return {"skipped": "litellm[proxy] is not installed (pip install -e '.[litellm-proxy]')"}
+    p = ctx.params
+    folder = ctx.case_dir("limiter_shapes")
+    rows = _shape_rows_per_run(p)
+    seen = _shape_proxy_measure(ctx, folder, make_table(folder / "proxy-prompts.parquet", rows, prefix="proxy-"))
+    result, stats, refused = seen["result"], seen["stats"], seen["refused"]
+    summary = (_read_result(folder / "proxy-out.json") or {}).get("run", {})
+    minutes = _judged_minutes(stats["accepted_timeline"], result.started_unix, result.ended_unix)
+    # The proxy refuses before the gateway: its 429s are in its access log; the gateway saw only the ones let through.
+    requests = int(stats["generation_requests"]) + refused
+    image_rows, filled, sources = _cost_filled(folder / "proxy-out" / "metadata.parquet")
+    record = {
+        "label": f"imagegen run → LiteLLM proxy (rpm {p.rpm}, model_name {PROXY_ALIAS}) → gateway",
+        "shape": "litellm-proxy", "workers": 1, "rows": rows, "exit_code": result.returncode,
+        "succeeded": summary.get("succeeded", 0), "failed": summary.get("failed"),
+        "failures": summary.get("failures_by_type"), "cost_usd": summary.get("cost_usd"),
+        "requests_sent": requests, "http_429": refused, "gateway_429": int(stats["rate_limited"]),
+        "share_429": round(refused / requests, 4) if requests else 0.0,
+        "whole_minutes": minutes, "throughput_over_r": _over_r(minutes, p.rpm),
+        "metadata_rows": image_rows, "cost_filled": filled, "cost_sources": sources,
+        "wall_s": round(result.wall_s, 1), "cpu_s": round(result.cpu_s, 2),
+        "proxy_cpu_core_share": round(seen["proxy_cpu_s"] / max(1e-6, result.wall_s), 3),
+        "gateway_cpu": result.gateway_cpu, "machine_load": seen["load"], "code_fingerprint": code_fingerprint(),
+    }
+    record["targets"] = {
+        "throughput_over_r": check("proxy_throughput_over_r", record["throughput_over_r"]),
+        "share_429": check("proxy_429_share", record["share_429"]),
+        "cost_filled": check("proxy_cost_filled", filled / rows if rows else None),
+    }
+    ctx.log(f"  [limiter_shapes] proxy: throughput/R {record['throughput_over_r']} over {minutes}, "
+            f"429 share {record['share_429']}, {record['succeeded']}/{rows} images, cost filled {filled}/{image_rows}")
+    return record
+
+
+def case_limiter_shapes_with_peers(ctx: Ctx) -> dict[str, Any]:
+    """limiter_shapes with every row group chosen by ``--shape-rows``: our engine's rows (the case above), the
+    openai SDK's and LiteLLM Router's rows beside them, and our engine through a real LiteLLM proxy."""
+    groups, shapes = shape_selection(ctx.params)
+    engine = case_limiter_shapes(ctx) if "engine" in groups else {}
+    case: dict[str, Any] = {
+        "description": "Hidden limit R of each shape (token bucket with Retry-After; sliding window and "
+                       "calendar-minute fixed window counting refusals, both without Retry-After or headers), "
+                       "nobody told R; throughput over whole calendar minutes.",
+        "rpm": ctx.params.rpm, "runs": {}, **{k: v for k, v in engine.items() if k != "skipped"},
+        "row_groups": groups, "shapes": shapes,
+    }
+    if "skipped" in engine:
+        case["engine_skipped"] = engine["skipped"]
+    peers = [group for group in groups if group in ("openai", "litellm")]
+    if peers:
+        case["peers"] = _shape_peer_rows(ctx, groups=peers, shapes=shapes)
+        case["peers_note"] = (f"Peers: 1 process each, {SHAPE_IN_FLIGHT} in flight (the engine rows' "
+                              f"--max-in-flight), {ctx.params.attempts - 1} retries, no rpm; baselines, no targets.")
+    if "proxy" in groups:
+        case["proxy"] = _shape_proxy_row(ctx)
+    return case
+
 
 CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "announced": case_announced,
@@ -754,7 +951,7 @@ CASES: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "batch": case_batch,
     "storage": case_storage,
     "verify": case_verify,
-    "limiter_shapes": case_limiter_shapes,
+    "limiter_shapes": case_limiter_shapes_with_peers,
 }
 #: Cases run only when named (--cases): several whole minutes of wall time and up to 15 processes.
 OPT_IN = frozenset({"limiter_shapes"})

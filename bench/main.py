@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.cases import CASES, FULL, OPT_IN, QUICK, TARGETS, Ctx, with_overrides
+from bench.cases import CASES, FULL, LIMITER_SHAPES, OPT_IN, QUICK, SHAPE_ROW_GROUPS, TARGETS, Ctx, with_overrides
 from bench.machine import describe
 from bench.procs import REGISTRY, BenchError, install_signal_handlers
 
@@ -33,6 +33,15 @@ def _cases(text: str | None) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     return [c for c in CASES if c in chosen]
+
+
+def _shape_rows(text: str) -> tuple[str, ...]:
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    known = (*SHAPE_ROW_GROUPS, *LIMITER_SHAPES)
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=None,
                         help="Run the clients of a case side by side, each with its own gateway "
                              "(default: on with --quick, off otherwise).")
+    parser.add_argument("--shape-rows", type=_shape_rows, default=None,
+                        help="limiter_shapes: the rows to run, comma-separated row groups "
+                             f"({', '.join(SHAPE_ROW_GROUPS)}) and/or shapes ({', '.join(LIMITER_SHAPES)}); a kind "
+                             "not named means all of it (default: every row). E.g. openai,litellm,proxy.")
     parser.add_argument("--keep-work", action="store_true", help="Keep the generated images and metadata.")
     return parser
 
@@ -57,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cases = args.cases or [c for c in CASES if c not in OPT_IN]
-    params = with_overrides(QUICK if args.quick else FULL, rpm=args.rpm, n=args.n, parallel=args.parallel)
+    params = with_overrides(QUICK if args.quick else FULL, rpm=args.rpm, n=args.n, parallel=args.parallel,
+                            shape_rows=args.shape_rows)
     out: Path = (args.out or DEFAULT_OUT[args.quick]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"

@@ -245,6 +245,63 @@ class Redis(_Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+# -- a LiteLLM proxy ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LiteLLMProxy(_Server):
+    """``litellm --config …`` on a free loopback port (the config from :mod:`bench.litellm_proxy`)."""
+
+    config: Path
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    _ps: psutil.Process | None = None
+    _cpu0: float = 0.0
+
+    def start(self, timeout: float = 120.0) -> LiteLLMProxy:
+        from bench.litellm_proxy import PROXY_ENV, litellm_binary, proxy_argv
+
+        binary = litellm_binary()
+        if binary is None:
+            raise BenchError("litellm[proxy] is not installed (pip install -e '.[litellm-proxy]')")
+        self.port = free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = REGISTRY.spawn(proxy_argv(binary, self.config, self.port), stdout=self._log,
+                                   stderr=subprocess.STDOUT, env={**child_env(), **PROXY_ENV})
+        # The proxy imports for several seconds before it listens (more on a busy machine).
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    self._ps = psutil.Process(self.proc.pid)
+                    self._cpu0 = self.cpu_seconds()
+                    return self
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise BenchError(f"the LiteLLM proxy did not start; see {self.log_path}")
+
+    @property
+    def v1(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the proxy and its children so far."""
+        assert self._ps is not None
+        times = self._ps.cpu_times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def cpu_since_start(self) -> float:
+        return self.cpu_seconds() - self._cpu0
+
+    def log_text(self) -> str:
+        if self._log is not None:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
 # -- measured children ----------------------------------------------------------------------------------
 
 

@@ -80,6 +80,45 @@ def _rate_table(case: dict[str, Any], *, hidden: bool = False) -> list[str]:
     return _table(header, rows)
 
 
+def _shape_row(name: str, r: dict[str, Any]) -> list[str]:
+    minutes = r.get("whole_minutes") or []
+    delivered = r.get("images_delivered", r.get("succeeded"))
+    of = r.get("rows") or r.get("n") or "?"
+    target = " ".join(f"{key} {t['status']}" for key, t in r.get("targets", {}).items()) or "–"
+    return [name, str(r.get("shape", "–")), str(r.get("workers", 1)), _f(r.get("throughput_over_r")),
+            " / ".join(str(m) for m in minutes) or "–", _pct(r.get("share_429")), f"{delivered} / {of}",
+            _s(r.get("wall_s")), target]
+
+
+def limiter_shapes_markdown(case: dict[str, Any]) -> list[str]:
+    """One table: our engine's rows, the peers' rows beside them, and the run through a LiteLLM proxy."""
+    rows = [_shape_row(f"imagegen engine ({key})", r) for key, r in case.get("runs", {}).items()]
+    rows += [_shape_row(r.get("label", key), r) for key, r in case.get("peers", {}).items()]
+    proxy = case.get("proxy")
+    if proxy and "skipped" not in proxy:
+        rows.append(_shape_row(proxy["label"], proxy))
+    lines = _table(["row", "shape", "processes", "throughput/R (whole minutes)", "accepted per whole minute",
+                    "429 share", "images delivered", "wall s", "target"], rows)
+    lines += ["", f"R = {case.get('rpm')}/min. Targets for our engine: {case.get('targets') or 'see the proxy row'}."]
+    if case.get("peers_note"):
+        lines += ["", case["peers_note"]]
+    if proxy and "skipped" in proxy:
+        lines += ["", f"LiteLLM proxy row skipped: {proxy['skipped']}."]
+    elif proxy:
+        lines += ["", f"Proxy row: {proxy['cost_filled']} of {proxy['metadata_rows']} image rows have a cost "
+                      f"(sources {proxy['cost_sources']}); the proxy used {proxy['proxy_cpu_core_share']} of a core; "
+                      f"its 429s are counted from its access log ({proxy['gateway_429']} reached the gateway)."]
+    if case.get("engine_skipped"):
+        lines += ["", f"Engine rows skipped: {case['engine_skipped']}."]
+    measured = [*case.get("peers", {}).values(), *([proxy] if proxy and "skipped" not in proxy else [])]
+    loads = [r.get("machine_load", {}).get("other_processes_cores") for r in measured]
+    loads = [x for x in loads if x is not None]
+    if loads:
+        lines += ["", f"Other processes on the machine used up to {max(loads):.2f} cores during the peer and proxy "
+                      "rows."]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     meta, params = results["machine"], results["params"]
     lines = [
@@ -132,6 +171,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += storage_markdown(case)
         elif name == "verify":
             lines += verify_markdown(case)
+        elif name == "limiter_shapes":
+            lines += limiter_shapes_markdown(case)
         elif name == "faults":
             lines += _table(
                 ["client", "completion", "attempts/image", "retries", "charged images", "images kept",

@@ -11,10 +11,7 @@ Needs ``pip install 'litellm[proxy]'``; skipped without it. No database, no netw
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -22,47 +19,36 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from bench.litellm_proxy import (
+    ALIAS,
+    PROXY_ENV,
+    UPSTREAM_MODEL,
+    count_refusals,
+    litellm_binary,
+    new_master_key,
+    proxy_argv,
+    write_config,
+)
 from tests.conftest import free_port, wait_for_port
 from tests.scale._support import PYTHON, REPO, child_env, gateway_process, stop_group, write_prompts
 from tests.scale.test_limiter_shapes import whole_minutes
 
 RATE = 120
-ALIAS = "house-images"
-#: The proxy refuses to start without a master key (no database needed for it).
-MASTER_KEY = "sk-" + secrets.token_hex(16)
+MASTER_KEY = new_master_key()
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("litellm") is None or importlib.util.find_spec("apscheduler") is None,
-    reason="litellm[proxy] is not installed",
-)
-
-CONFIG = """\
-model_list:
-  - model_name: {alias}
-    litellm_params:
-      model: openai/dall-e-2
-      api_base: {api_base}
-      api_key: k
-      rpm: {rate}
-router_settings:
-  optional_pre_call_checks: ["enforce_model_rate_limits"]
-general_settings:
-  master_key: {master_key}
-litellm_settings:
-  telemetry: false
-  drop_params: true
-"""
+pytestmark = pytest.mark.skipif(litellm_binary() is None, reason="litellm[proxy] is not installed")
 
 
 def _proxy(tmp_path, api_base: str) -> tuple[subprocess.Popen, int]:
-    config = tmp_path / "litellm.yaml"
-    config.write_text(CONFIG.format(alias=ALIAS, api_base=api_base, rate=RATE, master_key=MASTER_KEY))
+    """The proxy (config from bench/litellm_proxy.py, shared with the benchmark's proxy row) on a free port."""
+    binary = litellm_binary()
+    assert binary is not None
+    config = write_config(tmp_path / "litellm.yaml", api_base=api_base, rpm=RATE, master_key=MASTER_KEY)
     port = free_port()
-    env = child_env(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_TELEMETRY="False")
     log = open(tmp_path / "litellm.log", "w")  # noqa: SIM115 - closed with the test's tmp_path
     process = subprocess.Popen(
-        [shutil.which("litellm") or "litellm", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        proxy_argv(binary, config, port), stdout=log, stderr=subprocess.STDOUT, env=child_env(**PROXY_ENV),
+        start_new_session=True,
     )
     return process, port
 
@@ -79,7 +65,7 @@ def test_engine_learns_a_litellm_proxy_rpm(tmp_path, record_property):
                 [PYTHON, "-m", "imagegen_provider.cli", "run", str(write_prompts(tmp_path / "p.parquet", "l", rows)),
                  str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", MASTER_KEY,
                  "--model", ALIAS, "--size", "256x256", "--max-in-flight", "8", "--allow-private-image-urls",
-                 "--price-as", f"{ALIAS}=dall-e-2", "--json"],
+                 "--price-as", f"{ALIAS}={UPSTREAM_MODEL}", "--json"],
                 capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=400,
             )
             ended = time.time()
@@ -88,8 +74,7 @@ def test_engine_learns_a_litellm_proxy_rpm(tmp_path, record_property):
         stats = gateway.stats()
     assert out.returncode == 0, out.stderr[-3000:]
     run = json.loads(out.stdout)["run"]
-    log = (tmp_path / "litellm.log").read_text(errors="replace")
-    refused = log.count(" 429 ")
+    refused = count_refusals((tmp_path / "litellm.log").read_text(errors="replace"))
     # The proxy refuses before the gateway: its 429s are in its access log; the gateway saw only accepted ones.
     requests = stats["generation_requests"] + refused
     last = max((int(s) for s, _ in stats["accepted_timeline"]), default=int(ended))
@@ -119,7 +104,7 @@ def test_max_cost_holds_through_a_litellm_proxy_with_an_aliased_model(tmp_path):
                 [PYTHON, "-m", "imagegen_provider.cli", "run", str(write_prompts(tmp_path / "p.parquet", "c", 20)),
                  str(tmp_path / "out"), "--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", MASTER_KEY,
                  "--model", ALIAS, "--size", "256x256", "--max-in-flight", "4", "--allow-private-image-urls",
-                 "--price-as", f"{ALIAS}=dall-e-2", "--max-cost", "0.05", "--json"],
+                 "--price-as", f"{ALIAS}={UPSTREAM_MODEL}", "--max-cost", "0.05", "--json"],
                 capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=300,
             )
         finally:
