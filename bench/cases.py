@@ -902,6 +902,7 @@ def _shape_proxy_row(ctx: Ctx) -> dict[str, Any]:
         "requests_sent": requests, "http_429": refused, "gateway_429": int(stats["rate_limited"]),
         "share_429": round(refused / requests, 4) if requests else 0.0,
         "whole_minutes": minutes, "throughput_over_r": _over_r(minutes, p.rpm),
+        "utilisation": metrics.timeline_utilisation(metrics.timeline(stats["accepted_timeline"]), p.rpm),
         "metadata_rows": image_rows, "cost_filled": filled, "cost_sources": sources,
         "wall_s": round(result.wall_s, 1), "cpu_s": round(result.cpu_s, 2),
         "proxy_cpu_core_share": round(seen["proxy_cpu_s"] / max(1e-6, result.wall_s), 3),

@@ -85,8 +85,9 @@ def _shape_row(name: str, r: dict[str, Any]) -> list[str]:
     delivered = r.get("images_delivered", r.get("succeeded"))
     of = r.get("rows") or r.get("n") or "?"
     target = " ".join(f"{key} {t['status']}" for key, t in r.get("targets", {}).items()) or "–"
+    span = r.get("utilisation", {}).get("utilisation")
     return [name, str(r.get("shape", "–")), str(r.get("workers", 1)), _f(r.get("throughput_over_r")),
-            " / ".join(str(m) for m in minutes) or "–", _pct(r.get("share_429")), f"{delivered} / {of}",
+            " / ".join(str(m) for m in minutes) or "–", _f(span), _pct(r.get("share_429")), f"{delivered} / {of}",
             _s(r.get("wall_s")), target]
 
 
@@ -98,10 +99,11 @@ def limiter_shapes_markdown(case: dict[str, Any]) -> list[str]:
     if proxy and "skipped" not in proxy:
         rows.append(_shape_row(proxy["label"], proxy))
     lines = _table(["row", "shape", "processes", "throughput/R (whole minutes)", "accepted per whole minute",
-                    "429 share", "images delivered", "wall s", "target"], rows)
+                    "accepted/min ÷ R, first to last accepted second", "429 share", "images delivered", "wall s", "target"], rows)
     lines += ["", f"R = {case.get('rpm')}/min. Targets for our engine: {case.get('targets') or 'see the proxy row'}."]
     if case.get("peers_note"):
-        lines += ["", case["peers_note"]]
+        lines += ["", case["peers_note"] + " A run shorter than a whole calendar minute has no whole-minute "
+                      "figure; its rate over its accepted span is beside it."]
     if proxy and "skipped" in proxy:
         lines += ["", f"LiteLLM proxy row skipped: {proxy['skipped']}."]
     elif proxy:
