@@ -5,8 +5,9 @@ the window: at least 0.95·R over the whole minutes of the run, at most 5 % of r
 image delivered, and the cost filled for the alias (the proxy's ``x-litellm-response-cost``, else
 ``--price-as``).
 
-Needs ``pip install 'litellm[proxy]'``; skipped without it. No database, no network:
-``LITELLM_LOCAL_MODEL_COST_MAP=True`` keeps the proxy from downloading its cost map.
+Needs the ``litellm-proxy`` extra (``litellm[proxy]``), which ``scripts/test.sh`` installs; skipped without it.
+No database, no network: ``LITELLM_LOCAL_MODEL_COST_MAP=True`` keeps the proxy from downloading its cost map. The
+proxy's config comes from ``bench/litellm_proxy.py``, shared with the benchmark's ``limiter_shapes`` proxy row.
 """
 
 from __future__ import annotations
