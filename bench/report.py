@@ -80,10 +80,10 @@ def _rate_table(case: dict[str, Any], *, hidden: bool = False) -> list[str]:
     return _table(header, rows)
 
 
-def _shape_row(name: str, r: dict[str, Any]) -> list[str]:
+def _shape_row(name: str, r: dict[str, Any], rows: int | None = None) -> list[str]:
     minutes = r.get("whole_minutes") or []
     delivered = r.get("images_delivered", r.get("succeeded"))
-    of = r.get("rows") or r.get("n") or "?"
+    of = r.get("rows") or r.get("n") or rows or "?"
     target = " ".join(f"{key} {t['status']}" for key, t in r.get("targets", {}).items()) or "–"
     span = r.get("utilisation", {}).get("utilisation")
     return [name, str(r.get("shape", "–")), str(r.get("workers", 1)), _f(r.get("throughput_over_r")),
@@ -93,7 +93,8 @@ def _shape_row(name: str, r: dict[str, Any]) -> list[str]:
 
 def limiter_shapes_markdown(case: dict[str, Any]) -> list[str]:
     """One table: our engine's rows, the peers' rows beside them, and the run through a LiteLLM proxy."""
-    rows = [_shape_row(f"imagegen engine ({key})", r) for key, r in case.get("runs", {}).items()]
+    rows = [_shape_row(f"imagegen engine ({key})", r, case.get("rows_per_run"))
+            for key, r in case.get("runs", {}).items()]
     rows += [_shape_row(r.get("label", key), r) for key, r in case.get("peers", {}).items()]
     proxy = case.get("proxy")
     if proxy and "skipped" not in proxy:
