@@ -18,7 +18,7 @@ generation (60 s windows from the first accepted request) the combined accepted 
 uses most of it, with at most 5 % of all requests answered 429 (learning included). The figures are printed as a
 table.
 
-Slow (about five minutes) and it needs the ``celery`` extra: outside the default run. One command:
+Slow (about three minutes) and it needs the ``celery`` extra: outside the default run. One command:
 ``./scripts/celery-proof.sh`` (sets ``IMAGEGEN_CELERY_PROOF=1``).
 """
 
@@ -48,7 +48,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
         os.environ.get("IMAGEGEN_CELERY_PROOF") != "1",
-        reason="about five minutes with a Celery deployment: run ./scripts/celery-proof.sh (IMAGEGEN_CELERY_PROOF=1)",
+        reason="about three minutes with a Celery deployment: run ./scripts/celery-proof.sh (IMAGEGEN_CELERY_PROOF=1)",
     ),
     pytest.mark.skipif(
         importlib.util.find_spec("airflow.providers.celery") is None,
@@ -58,6 +58,10 @@ pytestmark = [
 
 RATE = int(os.environ.get("IMAGEGEN_CELERY_RPM", "240"))
 LIMITER = os.environ.get("IMAGEGEN_CELERY_LIMITER", "token-bucket")
+# Set to R to give the connection the limit (``rpm`` extra: one budget in Redis) instead of letting shards learn it.
+CONNECTION_RPM = os.environ.get("IMAGEGEN_CELERY_CONNECTION_RPM")
+# The bound of the hidden-limit measurements (tests/scale/test_limiter_shapes.py), learning included.
+MAX_429_SHARE = 0.05
 SHARDS = 4
 WORKERS = 2
 CONCURRENCY = 2
@@ -104,6 +108,8 @@ def _environment(root: Path, redis_url: str, api_base: str, api_port: int) -> di
     base = redis_url.rsplit("/", 1)[0]
     connection = {"conn_type": "imagegen", "host": api_base, "password": "k",
                   "extra": {"rate_limit_backend": f"{base}/2", "max_attempts": 8}}
+    if CONNECTION_RPM:
+        connection["extra"]["rpm"] = int(CONNECTION_RPM)
     return child_env(
         AIRFLOW_HOME=str(root / "home"),
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{root / 'home' / 'airflow.db'}",
@@ -217,6 +223,7 @@ def _print_table(figures: dict) -> None:
     rows = [
         ("executor", f"CeleryExecutor, {WORKERS} workers × concurrency {CONCURRENCY}, Redis broker"),
         ("hidden limit", f"{LIMITER}, R = {RATE} requests/min (ceiling per 60 s: {CEILING})"),
+        ("connection rpm", f"{CONNECTION_RPM} (one budget in Redis)" if CONNECTION_RPM else "none: learned, shared in Redis"),
         ("wall time", f"{figures['wall_s']} s (DAG run {figures['dag_run_s']} s, generation {figures['generation_s']} s)"),
         ("shards per worker", ", ".join(f"{w}: {n}" for w, n in sorted(figures["shards_per_worker"].items()))),
         ("workloads per worker", ", ".join(f"{w}: {n}" for w, n in sorted(figures["workloads_per_worker"].items()))),
@@ -286,6 +293,7 @@ def test_sharded_dag_on_celery_executor_shares_one_hidden_limit(tmp_path, redis_
     rates = _rate_figures(stats)
     figures = {
         "wall_s": round(wall_s, 1), "dag_run_s": round(run.dag_run_s, 1), "rate": RATE, "limiter": LIMITER,
+        "connection_rpm": int(CONNECTION_RPM) if CONNECTION_RPM else None,
         "shards": SHARDS, "rows_per_shard": ROWS_PER_SHARD, "prompts": len(prompt_ids), "images": images,
         "shards_per_worker": dict(per_worker), "shard_tries": {t[1]: t[3] for t in shards},
         "workloads_per_worker": _workload_lines(deployment, workers), **rates,
@@ -298,4 +306,4 @@ def test_sharded_dag_on_celery_executor_shares_one_hidden_limit(tmp_path, redis_
     assert len(rates["whole_minutes"]) >= 2, rates
     assert max(rates["whole_minutes"]) <= CEILING and rates["worst_60s"] <= CEILING, rates
     assert rates["throughput_over_r"] >= 0.8, rates
-    assert rates["share_429"] <= 0.05, rates
+    assert rates["share_429"] <= MAX_429_SHARE, f"the shards learned the limit with too many refusals: {rates}"
