@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Airflow-scale proof (issue 11): the sharded example DAG on a real CeleryExecutor — Redis broker, scheduler,
-# dag-processor, API server and two `airflow celery worker` processes — whose shards share one hidden gateway
-# limit through Redis. About three minutes (after the first install); prints a table of the figures. Everything it starts (redis-server, the
-# bundled gateway, the Airflow processes) listens on 127.0.0.1 only and is stopped on any outcome, also on
-# Ctrl-C or SIGTERM (tests/scale/test_celery_executor.py). Options: IMAGEGEN_CELERY_RPM (default 240),
-# IMAGEGEN_CELERY_CONNECTION_RPM (give the connection the limit instead of learning it),
-# IMAGEGEN_CELERY_LIMITER (token-bucket | sliding-window | fixed-window), extra arguments go to pytest.
+# Airflow-scale proof (issue 11): the sharded example DAG on a real CeleryExecutor (Redis broker, scheduler,
+# dag-processor, API server, two `airflow celery worker` processes) whose shards share one hidden gateway limit
+# through Redis. About three minutes after the first install; prints a table of the figures. Everything it
+# starts (redis-server, the bundled gateway, the Airflow processes) listens on 127.0.0.1 only and is stopped on
+# any outcome, also on Ctrl-C or SIGTERM (tests/scale/test_celery_executor.py). Extra arguments go to pytest.
+# Knobs: IMAGEGEN_CELERY_RPM (the gateway's limit R, default 240), IMAGEGEN_CELERY_LIMITER (token-bucket |
+# sliding-window | fixed-window), IMAGEGEN_CELERY_CONNECTION_RPM (give the connection the limit instead of
+# letting the shards learn it), IMAGEGEN_CELERY_SHARED=0 (the control: no rate_limit_backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v redis-server >/dev/null 2>&1; then

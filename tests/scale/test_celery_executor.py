@@ -60,6 +60,8 @@ RATE = int(os.environ.get("IMAGEGEN_CELERY_RPM", "240"))
 LIMITER = os.environ.get("IMAGEGEN_CELERY_LIMITER", "token-bucket")
 # Set to R to give the connection the limit (``rpm`` extra: one budget in Redis) instead of letting shards learn it.
 CONNECTION_RPM = os.environ.get("IMAGEGEN_CELERY_CONNECTION_RPM")
+# The control: IMAGEGEN_CELERY_SHARED=0 leaves rate_limit_backend out, so each shard has a limiter of its own.
+SHARED = os.environ.get("IMAGEGEN_CELERY_SHARED", "1") != "0"
 # The bound of the hidden-limit measurements (tests/scale/test_limiter_shapes.py), learning included.
 MAX_429_SHARE = 0.05
 SHARDS = 4
@@ -106,8 +108,9 @@ class CeleryDeployment(AirflowDeployment):
 
 def _environment(root: Path, redis_url: str, api_base: str, api_port: int) -> dict[str, str]:
     base = redis_url.rsplit("/", 1)[0]
-    connection = {"conn_type": "imagegen", "host": api_base, "password": "k",
-                  "extra": {"rate_limit_backend": f"{base}/2", "max_attempts": 8}}
+    connection: dict = {"conn_type": "imagegen", "host": api_base, "password": "k", "extra": {"max_attempts": 8}}
+    if SHARED:
+        connection["extra"]["rate_limit_backend"] = f"{base}/2"
     if CONNECTION_RPM:
         connection["extra"]["rpm"] = int(CONNECTION_RPM)
     return child_env(
@@ -223,7 +226,8 @@ def _print_table(figures: dict) -> None:
     rows = [
         ("executor", f"CeleryExecutor, {WORKERS} workers × concurrency {CONCURRENCY}, Redis broker"),
         ("hidden limit", f"{LIMITER}, R = {RATE} requests/min (ceiling per 60 s: {CEILING})"),
-        ("connection rpm", f"{CONNECTION_RPM} (one budget in Redis)" if CONNECTION_RPM else "none: learned, shared in Redis"),
+        ("connection", f"rpm {CONNECTION_RPM or 'not set (learned)'}, "
+                       + ("rate_limit_backend = the Redis" if SHARED else "no rate_limit_backend (control)")),
         ("wall time", f"{figures['wall_s']} s (DAG run {figures['dag_run_s']} s, generation {figures['generation_s']} s)"),
         ("shards per worker", ", ".join(f"{w}: {n}" for w, n in sorted(figures["shards_per_worker"].items()))),
         ("workloads per worker", ", ".join(f"{w}: {n}" for w, n in sorted(figures["workloads_per_worker"].items()))),
@@ -293,7 +297,7 @@ def test_sharded_dag_on_celery_executor_shares_one_hidden_limit(tmp_path, redis_
     rates = _rate_figures(stats)
     figures = {
         "wall_s": round(wall_s, 1), "dag_run_s": round(run.dag_run_s, 1), "rate": RATE, "limiter": LIMITER,
-        "connection_rpm": int(CONNECTION_RPM) if CONNECTION_RPM else None,
+        "connection_rpm": int(CONNECTION_RPM) if CONNECTION_RPM else None, "shared_backend": SHARED,
         "shards": SHARDS, "rows_per_shard": ROWS_PER_SHARD, "prompts": len(prompt_ids), "images": images,
         "shards_per_worker": dict(per_worker), "shard_tries": {t[1]: t[3] for t in shards},
         "workloads_per_worker": _workload_lines(deployment, workers), **rates,
