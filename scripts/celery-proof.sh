@@ -27,6 +27,7 @@ stamp="$venv/.installed"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
     echo ">> installing airflow-provider-imagegen[test,celery] into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$repo[test,celery]" \
         2>&1 | { grep -v "^WARNING: Location" || true; }
     touch "$stamp"
