@@ -5,7 +5,7 @@
 # bundled gateway, the Airflow processes) listens on 127.0.0.1 only and is stopped on any outcome, also on
 # Ctrl-C or SIGTERM (tests/scale/test_celery_executor.py). Extra arguments go to pytest.
 # Knobs: IMAGEGEN_CELERY_RPM (the gateway's limit R, default 240), IMAGEGEN_CELERY_LIMITER (token-bucket |
-# sliding-window | fixed-window), IMAGEGEN_CELERY_CONNECTION_RPM (give the connection the limit instead of
+# sliding-window), IMAGEGEN_CELERY_CONNECTION_RPM (give the connection the limit instead of
 # letting the shards learn it), IMAGEGEN_CELERY_SHARED=0 (the control: no rate_limit_backend).
 # Own venv (.venv-celery; first run: about 2 minutes of installs): the celery extra resolves redis-py and
 # packaging lower than the development venv has, and the test suite should not run against those.

@@ -71,10 +71,11 @@ CONCURRENCY = 2
 ROWS_PER_SHARD = int(os.environ.get("IMAGEGEN_CELERY_ROWS_PER_SHARD", str(math.ceil(RATE * 2.3 / SHARDS))))
 # A token bucket may accept its burst (one second of R) on top of R in a minute; the windows accept at most R.
 CEILING = RATE + max(1, RATE // 60) if LIMITER == "token-bucket" else RATE
+# No fixed window: it rightly accepts R just before :00 and R again after, so "within the limit" would need
+# calendar minutes, which a run of about two minutes seldom holds two of.
 GATEWAY_OPTIONS = {
     "token-bucket": ["--no-rate-limit-headers"],
     "sliding-window": ["--no-rate-limit-headers", "--no-retry-after"],
-    "fixed-window": ["--no-rate-limit-headers", "--no-retry-after"],
 }
 HOSTNAME_MODULE = '''"""The Airflow hostname of a proof worker: its name from the environment."""
 import os
