@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -142,6 +143,30 @@ def _record(run: dict[str, Any], cpu_s: float) -> dict[str, Any]:
             "images_per_s": round(run["succeeded"] / max(1e-9, run["duration_s"]), 1), "cpu_s": round(cpu_s, 2)}
 
 
+#: Local/Azurite pairs run one after the other in a full run: the machine is shared (and small), so a single pair
+#: says as much about what else ran meanwhile as about the store; the ratio reported is the median pair's.
+PAIRS = {False: 3, True: 1}
+
+
+def _pair(table: Path, folder: Path, logs: Path, gateway: Gateway, azurite: Azurite, index: int) -> dict[str, Any]:
+    """One run to a local folder, then the same run to Azurite, with what the emulator served and spent."""
+    load = round(os.getloadavg()[0], 2)
+    local, local_cpu = _run(table, str(folder / f"out-{index}"), gateway, logs / f"storage-local-{index}.log", [])
+    before, emulator_cpu = azurite.operations(), azurite.cpu_seconds()
+    remote, remote_cpu = _run(table, f"az://{CONTAINER}/run-{index}", gateway, logs / f"storage-azurite-{index}.log",
+                              ["--storage-options", json.dumps(azurite.storage_options)])
+    time.sleep(0.5)  # Azurite writes its log asynchronously
+    operations = azurite.operations() - before
+    record = {"load_avg_1m": load, "local": _record(local, local_cpu), "azurite": _record(remote, remote_cpu)}
+    record["azurite"].update(storage_requests=sum(operations.values()),
+                             emulator_cpu_s=round(azurite.cpu_seconds() - emulator_cpu, 2))
+    record["operations"] = dict(operations.most_common())
+    record["requests_per_image"] = round(sum(operations.values()) / max(1, remote["succeeded"]), 3)
+    record["azurite_vs_local"] = round(record["azurite"]["images_per_s"] / max(1e-9, record["local"]["images_per_s"]),
+                                       3)
+    return record
+
+
 def case_storage(ctx: Any) -> dict[str, Any]:
     from bench.cases import check
 
@@ -153,51 +178,56 @@ def case_storage(ctx: Any) -> dict[str, Any]:
     table = make_table(folder / "prompts.parquet", n, prefix="o", distinct=256)
     gateway = Gateway(["--render-cache-size", "512"], logs / "storage-gateway.log").start()
     azurite = Azurite(folder).start()
+    pairs = []
     try:
         import adlfs
 
         adlfs.AzureBlobFileSystem(**azurite.storage_options).mkdir(CONTAINER)
-        local, local_cpu = _run(table, str(folder / "out"), gateway, logs / "storage-local.log", [])
-        before, emulator_cpu = azurite.operations(), azurite.cpu_seconds()
-        remote, remote_cpu = _run(table, f"az://{CONTAINER}/run", gateway, logs / "storage-azurite.log",
-                                  ["--storage-options", json.dumps(azurite.storage_options)])
-        time.sleep(0.5)  # Azurite writes its log asynchronously
-        operations = azurite.operations() - before
-        emulator_cpu = azurite.cpu_seconds() - emulator_cpu
+        for index in range(PAIRS[ctx.params.quick]):
+            pairs.append(_pair(table, folder, logs, gateway, azurite, index))
+            ctx.log(f"  [storage] pair {index + 1}: {pairs[-1]['requests_per_image']} requests/image; "
+                    f"{pairs[-1]['local']['images_per_s']} images/s local, {pairs[-1]['azurite']['images_per_s']} "
+                    f"to Azurite ({pairs[-1]['azurite_vs_local']}x)")
     finally:
         azurite.stop()
         gateway.stop()
-    requests = sum(operations.values())
-    records = {"local": _record(local, local_cpu), "azurite": _record(remote, remote_cpu)}
-    records["azurite"]["storage_requests"] = requests
-    records["azurite"]["emulator_cpu_s"] = round(emulator_cpu, 2)
-    per_image = round(requests / max(1, remote["succeeded"]), 3)
-    speed = round(records["azurite"]["images_per_s"] / max(1e-9, records["local"]["images_per_s"]), 3)
-    ctx.log(f"  [storage] {requests} requests for {remote['succeeded']} images ({per_image}/image); "
-            f"{records['local']['images_per_s']} images/s local, {records['azurite']['images_per_s']} to Azurite")
+    median = sorted(pairs, key=lambda pair: pair["azurite_vs_local"])[len(pairs) // 2]
+    worst_requests = max(pair["requests_per_image"] for pair in pairs)
     return {
         "description": f"Object store economy: `imagegen run` of {n} dall-e-2 256x256 images at zero gateway latency, "
                        f"{IN_FLIGHT} in flight, to a local folder and to `az://` on Azurite (loopback; blob service "
-                       "only, blobs in memory, access log on); storage requests counted from the emulator's access "
-                       "log over the whole run (start-up listing, journal, parts and deletes included). images/s "
-                       "over the run itself (no process start). On a small machine the emulator's own CPU (node) "
-                       "competes with the client and the gateway: see its column.",
-        "n": n, "clients": records, "operations": dict(operations.most_common()),
-        "requests_per_image": per_image, "azurite_vs_local": speed,
-        "targets": {"requests_per_image": check("storage_requests_per_image", per_image),
-                    "azurite_vs_local": check("storage_speed_ratio", speed)},
+                       "only, blobs in memory, access log on), in pairs (local, then Azurite) run one after the "
+                       "other; storage requests counted from the emulator's access log over each whole run "
+                       "(start-up listing, journal, parts and deletes included). images/s over the run itself (no "
+                       "process start). The ratio is the median pair's, with the range over all pairs. On a small "
+                       "machine the emulator's own CPU (node) competes with the client and the gateway: see its "
+                       "column.",
+        "n": n, "pairs": pairs, "clients": {"local": median["local"], "azurite": median["azurite"]},
+        "operations": median["operations"], "requests_per_image": worst_requests,
+        "azurite_vs_local": median["azurite_vs_local"],
+        "azurite_vs_local_range": [min(p["azurite_vs_local"] for p in pairs), max(p["azurite_vs_local"] for p in pairs)],
+        "targets": {"requests_per_image": check("storage_requests_per_image", worst_requests),
+                    "azurite_vs_local": check("storage_speed_ratio", median["azurite_vs_local"])},
     }
 
 
 def markdown(case: dict[str, Any]) -> list[str]:
-    rows = [f"| {name} | {r['succeeded']} | {r['run_s']:.1f} | {r['images_per_s']:.1f} | {r['cpu_s']:.1f} | "
-            f"{r.get('emulator_cpu_s', '–')} | {r.get('storage_requests', '–')} |" for name, r in case["clients"].items()]
+    rows = []
+    for index, pair in enumerate(case["pairs"], 1):
+        for name in ("local", "azurite"):
+            r = pair[name]
+            rows.append(f"| {index} | {name} | {r['succeeded']} | {r['run_s']:.1f} | {r['images_per_s']:.1f} | "
+                        f"{r['cpu_s']:.1f} | {r.get('emulator_cpu_s', '–')} | {r.get('storage_requests', '–')} | "
+                        f"{pair['load_avg_1m'] if name == 'local' else ''} |")
     targets = case["targets"]
+    low, high = case["azurite_vs_local_range"]
+    ratios = ", ".join(str(pair["azurite_vs_local"]) for pair in case["pairs"])
     return [
-        "| output | images | run s | images/s | client CPU s | emulator CPU s | storage requests |",
-        "|---|---|---|---|---|---|---|", *rows, "",
-        f"Requests per image: **{case['requests_per_image']}** — {targets['requests_per_image']['status']} "
-        f"({targets['requests_per_image']['target']}); Azurite ÷ local images/s: **{case['azurite_vs_local']}** — "
+        "| pair | output | images | run s | images/s | client CPU s | emulator CPU s | storage requests | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        f"Requests per image (worst pair): **{case['requests_per_image']}** — "
+        f"{targets['requests_per_image']['status']} ({targets['requests_per_image']['target']}); Azurite ÷ local "
+        f"images/s, median pair: **{case['azurite_vs_local']}** (pairs: {ratios}; range {low}–{high}) — "
         f"{targets['azurite_vs_local']['status']} ({targets['azurite_vs_local']['target']}).", "",
-        "Requests by operation: " + ", ".join(f"{k} {v}" for k, v in case["operations"].items()) + ".",
+        "Requests by operation (median pair): " + ", ".join(f"{k} {v}" for k, v in case["operations"].items()) + ".",
     ]

@@ -56,10 +56,14 @@ def _exact_paths(fs: AbstractFileSystem) -> dict[str, Any]:
     return {"expand_path": False} if _rm_takes_expand_path(type(fs)) else {}
 
 
+#: The schemes aiohttp takes a proxy from the environment for (``aiohttp.helpers.proxies_from_env``).
+_PROXIED_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+
+
 def _environment_configures_http() -> bool:
-    """Whether aiohttp's ``trust_env`` can find anything here: proxy variables (read with ``getproxies``, as
-    aiohttp does) or a netrc file (``$NETRC``, else ``~/.netrc`` or ``~/_netrc``)."""
-    if urllib.request.getproxies():
+    """Whether aiohttp's ``trust_env`` can find anything here: a proxy (``getproxies`` for the schemes aiohttp
+    proxies; ``NO_PROXY`` alone names no proxy) or a netrc file (``$NETRC``, else ``~/.netrc`` or ``~/_netrc``)."""
+    if any(scheme in _PROXIED_SCHEMES for scheme in urllib.request.getproxies()):
         return True
     if os.environ.get("NETRC"):
         return True

@@ -76,6 +76,7 @@ async def test_azure_uploads_skip_environment_lookups_that_can_find_nothing(azur
     for name in (*PROXY_VARIABLES, "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # names no proxy: nothing to look up either
     calls = _count_env_lookups(monkeypatch)
     location = _fresh_azure_location(azurite, "no-env")
     await asyncio.gather(*(location.write_bytes_async(f"images/{i}.png", b"x") for i in range(5)))
@@ -83,14 +84,21 @@ async def test_azure_uploads_skip_environment_lookups_that_can_find_nothing(azur
     assert calls == []
 
 
-async def test_azure_uploads_still_read_a_netrc_the_user_has(azurite, monkeypatch, tmp_path):
-    for name in PROXY_VARIABLES:
+@pytest.mark.parametrize("configured", ["netrc", "proxy"])
+async def test_azure_uploads_still_look_up_what_the_environment_configures(azurite, monkeypatch, tmp_path, configured):
+    for name in (*PROXY_VARIABLES, "NETRC"):
         monkeypatch.delenv(name, raising=False)
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine example.invalid login someone password nothing\n")
-    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if configured == "netrc":
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine example.invalid login someone password nothing\n")
+        monkeypatch.setenv("NETRC", str(netrc))
+    else:
+        # A proxy for everything but the emulator on loopback (port 9: nothing listens, nothing may reach it).
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     calls = _count_env_lookups(monkeypatch)
-    location = _fresh_azure_location(azurite, "with-netrc")
+    location = _fresh_azure_location(azurite, f"with-{configured}")
     await asyncio.gather(*(location.write_bytes_async(f"images/{i}.png", b"x") for i in range(5)))
-    # The SDK's behaviour is the default one: aiohttp looks the netrc up for every request.
-    assert calls.count("netrc") >= 5
+    # The SDK's default behaviour, kept: aiohttp looks the environment up for every request.
+    assert calls.count(configured) >= 5
