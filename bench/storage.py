@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import re
 import shutil
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from bench.machine import LoadMeter
 from bench.procs import REGISTRY, BenchError, Child, Gateway, _Server, free_port
 from bench.prompts import make_table
 
@@ -149,6 +149,27 @@ def _record(run: dict[str, Any], cpu_s: float) -> dict[str, Any]:
 PAIRS = {False: 3, True: 1}
 
 
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def _measured(table: Path, output: str, gateway: Gateway, log: Path, extra: list[str],
+              emulator: Azurite | None = None) -> dict[str, Any]:
+    """One run, with the cores the rest of the machine (not the client, the gateway or the emulator) used."""
+    assert gateway.proc is not None
+    meter, gateway_cpu = LoadMeter(), _cpu_seconds(gateway.proc.pid)
+    emulator_cpu = emulator.cpu_seconds() if emulator is not None else 0.0
+    run, cpu_s = _run(table, output, gateway, log, extra)
+    emulator_cpu = emulator.cpu_seconds() - emulator_cpu if emulator is not None else 0.0
+    ours = cpu_s + emulator_cpu + _cpu_seconds(gateway.proc.pid) - gateway_cpu
+    record = _record(run, cpu_s)
+    record["other_processes_cores"] = meter.foreign_cores(ours)["other_processes_cores"]
+    if emulator is not None:
+        record["emulator_cpu_s"] = round(emulator_cpu, 2)
+    return record
+
+
 def _azurite_run(table: Path, folder: Path, log: Path, gateway: Gateway) -> dict[str, Any]:
     """One run to ``az://`` on an emulator of its own, started empty: an emulator holding the blobs of earlier
     runs spends more CPU per request as they pile up (in memory), which would bill later pairs for earlier ones."""
@@ -157,14 +178,13 @@ def _azurite_run(table: Path, folder: Path, log: Path, gateway: Gateway) -> dict
         import adlfs
 
         adlfs.AzureBlobFileSystem(**azurite.storage_options, skip_instance_cache=True).mkdir(CONTAINER)
-        before, emulator_cpu = azurite.operations(), azurite.cpu_seconds()
-        run, cpu_s = _run(table, f"az://{CONTAINER}/run", gateway, log,
-                          ["--storage-options", json.dumps(azurite.storage_options)])
-        time.sleep(0.5)  # Azurite writes its log asynchronously
+        time.sleep(0.5)  # Azurite writes its log asynchronously: the container's creation is not the run's
+        before = azurite.operations()
+        record = _measured(table, f"az://{CONTAINER}/run", gateway, log,
+                           ["--storage-options", json.dumps(azurite.storage_options)], azurite)
+        time.sleep(0.5)
         operations = azurite.operations() - before
-        record = _record(run, cpu_s)
-        record.update(storage_requests=sum(operations.values()),
-                      emulator_cpu_s=round(azurite.cpu_seconds() - emulator_cpu, 2), operations=dict(operations.most_common()))
+        record.update(storage_requests=sum(operations.values()), operations=dict(operations.most_common()))
         return record
     finally:
         azurite.stop()
@@ -172,13 +192,11 @@ def _azurite_run(table: Path, folder: Path, log: Path, gateway: Gateway) -> dict
 
 def _pair(table: Path, folder: Path, logs: Path, gateway: Gateway, index: int) -> dict[str, Any]:
     """One run to a local folder, then the same run to Azurite, with what the emulator served and spent."""
-    load = round(os.getloadavg()[0], 2)
-    local, local_cpu = _run(table, str(folder / f"out-{index}"), gateway, logs / f"storage-local-{index}.log", [])
+    local = _measured(table, str(folder / f"out-{index}"), gateway, logs / f"storage-local-{index}.log", [])
     remote = _azurite_run(table, folder / f"azurite-{index}", logs / f"storage-azurite-{index}.log", gateway)
-    record = {"load_avg_1m": load, "local": _record(local, local_cpu), "azurite": remote,
-              "operations": remote.pop("operations")}
+    record = {"local": local, "azurite": remote, "operations": remote.pop("operations")}
     record["requests_per_image"] = round(remote["storage_requests"] / max(1, remote["succeeded"]), 3)
-    record["azurite_vs_local"] = round(remote["images_per_s"] / max(1e-9, record["local"]["images_per_s"]), 3)
+    record["azurite_vs_local"] = round(remote["images_per_s"] / max(1e-9, local["images_per_s"]), 3)
     return record
 
 
@@ -228,12 +246,13 @@ def markdown(case: dict[str, Any]) -> list[str]:
             r = pair[name]
             rows.append(f"| {index} | {name} | {r['succeeded']} | {r['run_s']:.1f} | {r['images_per_s']:.1f} | "
                         f"{r['cpu_s']:.1f} | {r.get('emulator_cpu_s', '–')} | {r.get('storage_requests', '–')} | "
-                        f"{pair['load_avg_1m'] if name == 'local' else ''} |")
+                        f"{r['other_processes_cores']} |")
     targets = case["targets"]
     low, high = case["azurite_vs_local_range"]
     ratios = ", ".join(str(pair["azurite_vs_local"]) for pair in case["pairs"])
     return [
-        "| pair | output | images | run s | images/s | client CPU s | emulator CPU s | storage requests | load (1 min) |",
+        "| pair | output | images | run s | images/s | client CPU s | emulator CPU s | storage requests | "
+        "cores used by other processes |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"Requests per image (worst pair): **{case['requests_per_image']}** — "
         f"{targets['requests_per_image']['status']} ({targets['requests_per_image']['target']}); Azurite ÷ local "
