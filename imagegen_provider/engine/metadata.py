@@ -203,7 +203,7 @@ class MetadataSink:
             self._first_waiting = time.monotonic()
             rows = [row for row, _ in group]
             try:
-                entry = await asyncio.to_thread(self._write_entry, rows)
+                entry = await self._write_entry(rows)
             except Exception as exc:  # every row of the group is off the record: each caller hears why
                 for _, done in group:
                     if not done.done():
@@ -226,11 +226,11 @@ class MetadataSink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
-    def _write_entry(self, rows: list[dict[str, Any]]) -> str:
+    async def _write_entry(self, rows: list[dict[str, Any]]) -> str:
         self._seq += 1
         relative = f"{self.journal_dir}/{self._token}-{self._seq:08d}.json"
         # Atomic: an empty or truncated entry left by a kill would make every later recovery fail.
-        self.location.write_bytes(relative, _entry_bytes(rows), atomic=True)
+        await self.location.write_bytes_async(relative, _entry_bytes(rows), atomic=True)
         return relative
 
     async def _drain(self) -> None:

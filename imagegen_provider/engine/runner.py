@@ -505,7 +505,7 @@ class BatchRunner:
         file_name = image_file_name(job.row.prompt_id, job.image_index, job.seed, image.info.extension)
         try:
             # Atomic: a write cut short (disk full) must not leave a truncated image under its final name.
-            await asyncio.to_thread(partial(self.output.write_bytes, file_name, image.data, atomic=True))
+            await self.output.write_bytes_async(file_name, image.data, atomic=True)
         except Exception as exc:
             self._storage_failed(f"image {file_name}", exc)
             row.fail(error_type=type(exc).__name__, message=self._redact(f"storing {file_name}: {_describe(exc)}"))
