@@ -32,8 +32,8 @@ from imagegen_provider.transport.download import (
     default_ssl_context,
     without_credentials,
 )
-from imagegen_provider.transport.pacing import reset_hint
-from imagegen_provider.transport.ratelimit import SENT_AT, RateLimiter, RateLimits
+from imagegen_provider.transport.pacing import refused_limit, reset_hint
+from imagegen_provider.transport.ratelimit import SENT_AT, SENT_IMAGES, RateLimiter, RateLimits
 from imagegen_provider.transport.retry import RetryPolicy, header_lookup, parse_retry_after
 from imagegen_provider.wire.dialects import Dialect, get_dialect
 from imagegen_provider.wire.errors import (
@@ -340,7 +340,10 @@ class ImageGenClient:
         try:
             await self.breaker.guard(self.limiter.acquire(images=request.n))
             progress.queued += time.monotonic() - waiting
-            result, latency = await self._send(request, body)
+            try:
+                result, latency = await self._send(request, body)
+            finally:
+                self.limiter.release()
         finally:
             slot.release()
         self.breaker.succeeded()
@@ -409,6 +412,7 @@ class ImageGenClient:
         started = time.monotonic()
         sent_at = time.time()
         SENT_AT.set(sent_at)
+        SENT_IMAGES.set(request.n)
         try:
             async with asyncio.timeout(self.timeouts.attempt):
                 if request.stream:
@@ -432,7 +436,9 @@ class ImageGenClient:
             # 429s are expected under a limit and handled by the limiter: one line each would drown the log.
             log.log(logging.DEBUG if isinstance(exc, RateLimitError) else logging.WARNING, "Attempt failed: %s", exc)
             raise
-        await self.limiter.on_accepted(sent_at=sent_at)
+        usage = result.usage
+        tokens = usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)
+        await self.limiter.on_accepted(sent_at=sent_at, images=request.n, tokens=tokens or None)
         return result, time.monotonic() - started
 
     async def _send_plain(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:
@@ -459,11 +465,12 @@ class ImageGenClient:
             # Pause every waiting request now, instead of letting each of them hit the wall in turn. The
             # pause is capped like the retry wait: a gateway announcing hours must not stall the batch.
             # No Retry-After: the refusing budget's own reset time, when the headers name it.
-            pause = error.retry_after if error.retry_after is not None else reset_hint(header_lookup(response.headers))
+            headers = header_lookup(response.headers)
+            pause = error.retry_after if error.retry_after is not None else reset_hint(headers)
             if pause is not None and pause > self.retry.max_retry_after:
                 self._log_capped_retry_after(pause)
                 pause = self.retry.max_retry_after
-            await self.limiter.on_rate_limited(pause)
+            await self.limiter.on_rate_limited(pause, limit=refused_limit(headers, str(error)))
         raise error
 
     async def _send_streaming(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:

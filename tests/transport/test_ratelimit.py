@@ -17,6 +17,7 @@ import pytest
 from imagegen_gateway import GatewayConfig
 from imagegen_gateway.limiter import format_duration
 from imagegen_provider.transport import ImageGenClient, RateLimiter, RateLimits, RetryPolicy
+from imagegen_provider.transport.pacing import LimitKind
 from imagegen_provider.transport.ratelimit import BURST_SECONDS, parse_duration, per_minute_item
 
 from .conftest import KEY, small_request
@@ -254,7 +255,7 @@ async def test_configured_rpm_paces_requests(keyed_gateway):
 class NoFeedbackLimiter(RateLimiter):
     """A limiter that ignores the gateway: no shared pause on 429, no limits learned from headers."""
 
-    async def on_rate_limited(self, retry_after: float | None) -> None:
+    async def on_rate_limited(self, retry_after: float | None, *, limit: LimitKind = "requests") -> None:
         self._rate_limited += 1
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
