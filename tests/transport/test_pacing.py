@@ -139,3 +139,20 @@ def test_adopting_a_shared_rate_delays_the_next_increase():
     assert adaptive.rate == 10.0
     adaptive.maybe_increase(108.6)
     assert adaptive.rate == 11.0
+
+
+def test_after_a_cut_the_rate_creeps_back_in_small_steps():
+    adaptive = AdaptiveRate()
+    for i in range(20):
+        adaptive.sent(10.0 + i * 0.05)
+    adaptive.refused(11.0)
+    first = adaptive.rate
+    assert first is not None
+    adaptive.maybe_increase(15.1)  # before any cut: a big step (1/s at least)
+    assert adaptive.rate == pytest.approx(first + max(1.0, 0.02 * first))
+    raised = adaptive.rate
+    adaptive.refused(16.5)
+    assert adaptive.rate == pytest.approx(raised * AdaptiveRate.DECREASE)
+    cut = adaptive.rate
+    adaptive.maybe_increase(20.6)  # near the limit now: 2 %
+    assert adaptive.rate == pytest.approx(cut * (1 + AdaptiveRate.STEP_NEAR_LIMIT))
