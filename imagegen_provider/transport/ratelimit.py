@@ -191,8 +191,9 @@ class RateLimiter:
         self._member_id = f"{id(self):x}-{random.getrandbits(32):x}"
         #: Send times of this process's accepted requests (the last few seconds' worth).
         self._accepted_here: deque[float] = deque(maxlen=4096)
-        #: Requests admitted and not yet released (see :meth:`release`).
+        #: Requests admitted and not yet released (see :meth:`release`), and answers accepted.
         self._outstanding = 0
+        self._accepted_count = 0
         self._released: asyncio.Event | None = None
         self._cold = ColdStart(enabled=self.shared and self._learning and limits.probe_first)
 
@@ -302,9 +303,16 @@ class RateLimiter:
     # -- the shared cold start -----------------------------------------------------------------------
 
     def _cold_capped(self) -> bool:
-        """The prober keeps few requests in flight until the gateway first refuses one."""
-        cold = self._cold
-        return cold.enabled and cold.prober and self._rate_limited == 0 and self._outstanding >= COLD_IN_FLIGHT
+        """Before the gateway first refuses anything, with nothing configured: few requests in flight, so that
+        the first wave into a hidden limit is small. The prober of a shared backend keeps
+        :data:`COLD_IN_FLIGHT` (its first wave stands for the whole fleet's); a process of its own starts
+        there and adds one per accepted answer (TCP's slow start: doubling every round trip, so a gateway
+        without a limit is at full concurrency within a few round trips)."""
+        if self._rate_limited or not self._learning or not self.limits.probe_first:
+            return False
+        if self._cold.enabled and self._cold.prober:
+            return self._outstanding >= COLD_IN_FLIGHT
+        return not self.shared and self._outstanding >= COLD_IN_FLIGHT + self._accepted_count
 
     async def _cold_wait(self, now: float) -> float:
         """With a shared backend and nothing learned: one process (holding the probe lock) probes the gateway,
@@ -373,6 +381,14 @@ class RateLimiter:
         rate = rpm / 60.0
         return rate / self._members if self.shared and self._learning else rate
 
+    def _image_burst(self, rate: float) -> float:
+        """Images that may leave at once. A configured or announced limit lets a request for the most images
+        through at once; a learned one only half a second's worth (a request for more still goes alone), as
+        the gateway's bucket holding about a second's worth must not meet a burst of several requests."""
+        if self._learned_images is not None and self._ipm is None:
+            return max(1.0, rate * BURST_SECONDS)
+        return max(MAX_IMAGES_PER_REQUEST, rate * BURST_SECONDS)
+
     def _image_rate(self, ipm: float) -> float:
         """This process's image rate (per second) under ``ipm``: its share of a learned one, as for requests."""
         rate = ipm / 60.0
@@ -386,7 +402,7 @@ class RateLimiter:
                 return wait
         if ipm:
             rate = self._image_rate(ipm)
-            wait = self._image_pacer.delay(now, rate, max(MAX_IMAGES_PER_REQUEST, rate * BURST_SECONDS), images)
+            wait = self._image_pacer.delay(now, rate, self._image_burst(rate), images)
             if wait > 0:
                 if rpm:
                     self._request_pacer.refund(self._request_rate(rpm))
@@ -510,7 +526,7 @@ class RateLimiter:
             self._request_pacer.drain(resume_at, rate, max(1.0, rate * BURST_SECONDS))
         if ipm:
             rate = self._image_rate(ipm)
-            self._image_pacer.drain(resume_at, rate, max(MAX_IMAGES_PER_REQUEST, rate * BURST_SECONDS))
+            self._image_pacer.drain(resume_at, rate, self._image_burst(rate))
 
     async def _window_pause(self, wall: float) -> float:
         """The pause after a refusal without Retry-After; inside a known window, also revise its capacity."""
@@ -535,6 +551,7 @@ class RateLimiter:
         """The gateway accepted a request sent at ``sent_at`` (wall clock) for ``images`` images, using
         ``tokens`` tokens when its usage says. Ends an episode of refusals; one without Retry-After that lasted
         long identifies the gateway's window."""
+        self._accepted_count += 1
         if tokens is not None and 0 < tokens < MAX_TOKENS_PER_IMAGE * images:
             per_image = tokens / images
             # A moving average: image sizes and qualities vary within a run, a single odd one must not swing it.

@@ -157,3 +157,20 @@ async def test_the_log_starts_from_what_the_gateway_accepted_once(budget):
     await budget.seed_window()  # a second process taking up the shape: not counted twice
     assert await budget.take_slot(3, now=t, span=5.0) == 0.0
     assert await budget.take_slot(3, now=t, span=5.0) == pytest.approx(3.0, abs=1e-3)
+
+
+async def test_one_process_starts_with_few_in_flight_and_adds_one_per_accepted_answer():
+    limiter = RateLimiter(RateLimits())
+    try:
+        assert await _admitted(limiter, within=1.0)  # the probe
+        limiter.observe_headers({})  # its answer, announcing nothing
+        for _ in range(COLD_IN_FLIGHT - 1):
+            assert await _admitted(limiter, within=1.0)
+        assert not await _admitted(limiter, within=0.3)
+        await limiter.on_accepted(sent_at=time.time())  # one more in flight per accepted answer
+        assert await _admitted(limiter, within=1.0)
+        assert not await _admitted(limiter, within=0.3)
+        await limiter.on_rate_limited(0.0)  # the first 429: from now on the learned rate paces it
+        assert await _admitted(limiter, within=1.0)
+    finally:
+        await limiter.aclose()
