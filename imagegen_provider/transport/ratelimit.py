@@ -27,7 +27,6 @@ from imagegen_provider.transport.budget import (
     per_minute_item,
 )
 from imagegen_provider.transport.learner import (
-    RESUME_MARGIN_SECONDS,
     WINDOW_SECONDS,
     Episodes,
     WindowShape,
@@ -60,6 +59,11 @@ SENT_IMAGES: ContextVar[int] = ContextVar("imagegen_sent_images", default=1)
 
 #: Usage above this many tokens per image is not believed (gpt-image-1 high quality 1536x1024 is ~6,200).
 MAX_TOKENS_PER_IMAGE = 100_000
+
+#: A learned sliding window's slot is reused this long after 60 s from its admission: the gateway counts a
+#: request from when it arrives and is handled, later than it was admitted (on a loaded machine, by up to a
+#: second), and a slot reused before the gateway freed it is a 429. Costs at most 1/61 of the window.
+SLOT_MARGIN_SECONDS = 1.0
 
 #: How often a process looks for a window shape another process sharing the backend learned.
 SHAPE_POLL_SECONDS = 1.0
@@ -455,7 +459,7 @@ class RateLimiter:
         # the burst's pace, and spacing would leave most of a minute unused. Its log started from what the
         # gateway accepted before (see _set_shape), so the slots the gateway still counts stay taken.
         wall = time.time()
-        wait = await budget.take_slot(sliding.capacity, now=wall, span=WINDOW_SECONDS + RESUME_MARGIN_SECONDS)
+        wait = await budget.take_slot(sliding.capacity, now=wall, span=WINDOW_SECONDS + SLOT_MARGIN_SECONDS)
         if wait > 0 or not ipm:
             return wait
         wait = await budget.take(None, ipm, images)
