@@ -150,17 +150,21 @@ def pause_without_retry_after(*, shape: WindowShape | None, now: float, elapsed:
     * a sliding window: until the oldest accepted request in the last 60 s leaves it;
     * unknown: as long as the episode has lasted (at least 1 s: probes at 1, 2, 4, 8... s, a handful of
       refusals per minute), but never past the next minute boundary (where a calendar window accepts
-      again) nor past the moment a sliding window would free its oldest acceptance.
+      again) nor past the moment a sliding window would free its oldest acceptance (for an unknown window,
+      ``oldest_in_window`` is the oldest acceptance in the 60 s before the episode began: once that moment
+      has passed, refused, the window is not a sliding one, and later acceptances' moments are not chased).
     """
     to_boundary = minute_start(now) + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS
     if shape is not None and shape.kind == "fixed":
         return to_boundary
-    sliding_frees = None if oldest_in_window is None else max(
-        0.2, oldest_in_window + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS)
+    sliding_frees = None if oldest_in_window is None else (
+        oldest_in_window + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS)
     if shape is not None and sliding_frees is not None:
-        return sliding_frees
+        return max(0.2, sliding_frees)
+    if sliding_frees is None or sliding_frees <= 0:
+        sliding_frees = to_boundary
     # Unknown: also probe when a sliding window would free its first slot, so either kind is seen at once.
-    return min(max(1.0, elapsed), to_boundary, sliding_frees if sliding_frees is not None else to_boundary)
+    return min(max(1.0, elapsed), to_boundary, sliding_frees)
 
 
 def revised_capacity(shape: WindowShape, *, now: float, accepted_between: AcceptedBetween) -> WindowShape:

@@ -537,8 +537,9 @@ class RateLimiter:
         budget = self._started()
         oldest: float | None = None
         if self._shape is None:
-            recent = await budget.accepted_since(wall - WINDOW_SECONDS)
-            oldest = recent[0] if recent else None
+            start = self._episodes.start if self._episodes.start is not None else wall
+            recent = await budget.accepted_since(start - WINDOW_SECONDS)
+            oldest = recent[0] if recent and recent[0] < start else None
         else:
             accepted = await budget.accepted_since(window_start(self._shape.kind, wall))
             revised = revised_capacity(self._shape, now=wall,

@@ -88,6 +88,10 @@ def test_pause_without_retry_after_per_shape():
     # ...nor past the moment a sliding window would free its oldest acceptance.
     assert pause_without_retry_after(shape=None, now=now, elapsed=30.0,
                                      oldest_in_window=MINUTE - 15.0) == pytest.approx(5.1)
+    # Once that moment has passed (its probe refused), only the episode's length and the boundary count: a
+    # window whose acceptances are spread over the minute does not draw a probe at each one's expiry.
+    assert pause_without_retry_after(shape=None, now=now, elapsed=8.0,
+                                     oldest_in_window=MINUTE - 25.0) == pytest.approx(8.0)
 
 
 def test_probing_an_unknown_window_costs_a_handful_of_refusals_per_minute():
