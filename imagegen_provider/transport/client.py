@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -375,7 +376,12 @@ class ImageGenClient:
         retry_after = getattr(error, "retry_after", None)
         if isinstance(retry_after, float) and retry_after > self.retry.max_retry_after:
             self._log_capped_retry_after(retry_after)
-        return self.retry.delay(error, attempts)
+        delay = self.retry.delay(error, attempts)
+        if isinstance(error, RateLimitError) and retry_after is None and self.limiter.learns_windows:
+            # The limiter paused every request for as long as the gateway's window needs (and probes it while
+            # learning): backing off longer only leaves the slots it frees unused.
+            delay = min(delay, self.limiter.pause_remaining() + random.uniform(0.0, 0.5))
+        return delay
 
     def _log_capped_retry_after(self, retry_after: float) -> None:
         # Once per client: a gateway announcing an hour on every 429 would otherwise log it for every image.

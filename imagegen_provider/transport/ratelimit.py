@@ -240,6 +240,15 @@ class RateLimiter:
         return self._adaptive_images if self._ipm is None else None
 
     @property
+    def learns_windows(self) -> bool:
+        """Whether 429s without Retry-After pause requests as long as a learned (or probed) window needs."""
+        return self._learning
+
+    def pause_remaining(self) -> float:
+        """Seconds until the current 429 pause ends, as this process last saw it (0 when none)."""
+        return max(0.0, self._pause_until - time.time())
+
+    @property
     def shared(self) -> bool:
         return is_shared_backend(self.limits.backend)
 
