@@ -152,7 +152,8 @@ def pause_without_retry_after(*, shape: WindowShape | None, now: float, elapsed:
       refusals per minute), but never past the next minute boundary (where a calendar window accepts
       again) nor past the moment a sliding window would free its oldest acceptance (for an unknown window,
       ``oldest_in_window`` is the oldest acceptance in the 60 s before the episode began: once that moment
-      has passed, refused, the window is not a sliding one, and later acceptances' moments are not chased).
+      has passed by more than a few seconds, refused, the window is not a sliding one, and later
+      acceptances' moments are not chased).
     """
     to_boundary = minute_start(now) + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS
     if shape is not None and shape.kind == "fixed":
@@ -161,8 +162,11 @@ def pause_without_retry_after(*, shape: WindowShape | None, now: float, elapsed:
         oldest_in_window + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS)
     if shape is not None and sliding_frees is not None:
         return max(0.2, sliding_frees)
-    if sliding_frees is None or sliding_frees <= 0:
+    if sliding_frees is None or sliding_frees < -BOUNDARY_SLACK_SECONDS:
         sliding_frees = to_boundary
+    else:
+        # Just after the moment, a request that raced it may have been refused: go on probing it.
+        sliding_frees = max(0.2, sliding_frees)
     # Unknown: also probe when a sliding window would free its first slot, so either kind is seen at once.
     return min(max(1.0, elapsed), to_boundary, sliding_frees)
 

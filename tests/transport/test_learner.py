@@ -92,6 +92,9 @@ def test_pause_without_retry_after_per_shape():
     # window whose acceptances are spread over the minute does not draw a probe at each one's expiry.
     assert pause_without_retry_after(shape=None, now=now, elapsed=8.0,
                                      oldest_in_window=MINUTE - 25.0) == pytest.approx(8.0)
+    # A refusal of a request that raced the moment (a second after it): probe again at once.
+    assert pause_without_retry_after(shape=None, now=now, elapsed=30.0,
+                                     oldest_in_window=MINUTE - 21.0) == pytest.approx(0.2)
 
 
 def test_probing_an_unknown_window_costs_a_handful_of_refusals_per_minute():
