@@ -113,7 +113,8 @@ class RateLimits:
     #: Separates budgets in a shared backend: usually the connection id.
     namespace: str = "default"
     #: With no configured request limit, send one request and wait for the gateway's first answer (which
-    #: usually announces its limit) before sending more.
+    #: usually announces its limit) before sending more; then few in flight until the first 429 (see
+    #: :data:`COLD_IN_FLIGHT`), and with a shared backend one process probes for all of them.
     probe_first: bool = True
 
     def __repr__(self) -> str:
