@@ -663,6 +663,9 @@ LIMITER_SHAPES = {
 }
 #: Whole calendar minutes the limiter_shapes case is sized for (quick: 2).
 SHAPE_MINUTES = {True: 2, False: 5}
+#: The images-per-minute row: a hidden --ipm R (token bucket with Retry-After, no headers), requests for this
+#: many images each, sent by the transport (the engine sends one image per request).
+IPM_IMAGES_PER_REQUEST = 4
 
 
 def _whole_minutes(timeline: list[list[int]], started: float, ended: float) -> list[int]:
@@ -687,8 +690,15 @@ def _shape_children(ctx: Ctx, folder: Path, gateway: Gateway, *, key: str, worke
     return children
 
 
+def _ipm_child(ctx: Ctx, folder: Path, gateway: Gateway, *, key: str, images: int) -> Child:
+    requests = -(-images // IPM_IMAGES_PER_REQUEST)
+    argv = [sys.executable, "-m", "bench.clients.transport_n", gateway.v1, str(requests),
+            str(IPM_IMAGES_PER_REQUEST), "16"]
+    return Child(argv, ctx.out / "logs" / f"shapes-{key}-worker0.log", stdout_path=folder / f"{key}-worker0.json")
+
+
 def _shape_record(folder: Path, key: str, children: list[Child], results: list[ChildResult],
-                  stats: dict[str, Any], rate: int) -> dict[str, Any]:
+                  stats: dict[str, Any], rate: float) -> dict[str, Any]:
     succeeded = 0
     for w in range(len(children)):
         summary = _read_result(folder / f"{key}-worker{w}.json")
@@ -728,6 +738,12 @@ def case_limiter_shapes(ctx: Ctx) -> dict[str, Any]:
             backend = redis.url.rsplit("/", 1)[0] + f"/{db + 1}" if workers > 1 else None
             runs.append((shape, key, _shape_children(ctx, folder, gateway, key=key, workers=workers,
                                                      rows=-(-rows_total // workers), backend=backend), gateway))
+        ipm_key = f"images-per-minute-n{IPM_IMAGES_PER_REQUEST}-1p"
+        gateway = Gateway(["--ipm", str(p.rpm), "--latency", "0.05-0.2", "--no-rate-limit-headers"],
+                          ctx.out / "logs" / f"shapes-{ipm_key}-gateway.log").start()
+        gateways.append(gateway)
+        runs.append(("images-per-minute", ipm_key, [_ipm_child(ctx, folder, gateway, key=ipm_key,
+                                                               images=rows_total)], gateway))
         ctx.log(f"  [limiter_shapes] {len(runs)} runs side by side, R={p.rpm}/min, {rows_total} rows each")
         every = [child for _, _, children, _ in runs for child in children]
         results = wait_children(every, timeout=60.0 * (minutes + 4))
@@ -736,7 +752,10 @@ def case_limiter_shapes(ctx: Ctx) -> dict[str, Any]:
         for shape, key, children, gateway in runs:
             mine = results[offset:offset + len(children)]
             offset += len(children)
-            records[key] = {"shape": shape, **_shape_record(folder, key, children, mine, gateway.stats(), p.rpm)}
+            # The images row's figure is images/min ÷ the image limit: every accepted request carried n images.
+            per_request = IPM_IMAGES_PER_REQUEST if key == ipm_key else 1
+            records[key] = {"shape": shape, **_shape_record(folder, key, children, mine, gateway.stats(),
+                                                            p.rpm / per_request)}
             ctx.log(f"  [limiter_shapes] {key}: throughput/R {records[key]['throughput_over_r']}, "
                     f"429 share {records[key]['share_429']}")
     finally:
@@ -746,7 +765,10 @@ def case_limiter_shapes(ctx: Ctx) -> dict[str, Any]:
     return {
         "description": "Hidden limit R of each shape (token bucket with Retry-After; sliding window and "
                        "calendar-minute fixed window counting refusals, both without Retry-After or headers), "
-                       "no --rpm, 1 process and 4 sharing one Redis; throughput over whole calendar minutes.",
+                       "no --rpm, 1 process and 4 sharing one Redis; throughput over whole calendar minutes. "
+                       "Row images-per-minute: a hidden --ipm R (token bucket, Retry-After, no headers), "
+                       f"requests for n={IPM_IMAGES_PER_REQUEST} images through the transport client; its "
+                       "throughput is images/min ÷ R and its 429 share is per request.",
         "rpm": p.rpm, "rows_per_run": rows_total, "targets": {"throughput_over_r": ">= 0.95", "share_429": "<= 0.05"},
         "runs": records,
     }

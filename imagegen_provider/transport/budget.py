@@ -7,6 +7,8 @@ several processes, together, under one limit.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import math
 import random
 import time
@@ -17,6 +19,7 @@ from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+from redis.exceptions import LockError
 
 from imagegen_provider.transport.learner import WindowShape
 from imagegen_provider.transport.pacing import MAX_IMAGES_PER_REQUEST
@@ -25,6 +28,31 @@ from imagegen_provider.transport.pacing import MAX_IMAGES_PER_REQUEST
 LEDGER_SECONDS = 150.0
 #: A learned shape nobody confirmed for this long is forgotten (the gateway's limits may have changed).
 SHAPE_TTL_SECONDS = 3600
+#: The probe lock lapses this long after its holder last renewed it: a prober that died (or hung) hands the
+#: cold start to another process within this time. The holder renews it every second or so.
+PROBE_LOCK_SECONDS = 10.0
+
+#: One learned sliding window's log (sorted set scored by send time): admit one request at ``now`` if fewer
+#: than ``capacity`` were admitted since ``now - span``; else answer how long until the slot frees.
+#: KEYS[1] log; ARGV: now, span, capacity, member, expiry (s). Returns "0" (admitted) or the wait.
+_TAKE_SLOT = """
+local now, span, capacity = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - span)
+local used = redis.call('ZCARD', KEYS[1])
+if used < capacity then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  return '0'
+end
+local entry = redis.call('ZRANGE', KEYS[1], used - capacity, used - capacity, 'WITHSCORES')
+return tostring(math.max(0.001, tonumber(entry[2]) + span - now))
+"""
+#: Give back the slot of a refused request sent at ARGV[1]: the latest entry admitted up to a second before.
+_GIVE_BACK = """
+local found = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], tonumber(ARGV[1]) - 1, 'LIMIT', 0, 1)
+if found[1] then redis.call('ZREM', KEYS[1], found[1]) end
+return 0
+"""
 
 
 def per_minute_item(per_minute: float, min_amount: int = 1) -> RateLimitItem:
@@ -87,25 +115,24 @@ class SharedBudget:
             self._storage = MemoryStorage()
         self._strategy = MovingWindowRateLimiter(self._storage)
         self._accepted: deque[float] = deque()
+        #: In memory: the learned sliding window's log (send times, sorted) and whether it was seeded.
+        self._slots: list[float] = []
+        self._seeded = False
+        self._probe_lock: Any = None
 
     async def aclose(self) -> None:
         if self._redis is not None:
+            await self.release_probe()
             await self._redis.aclose()
             self._redis = None
 
     def _key(self, kind: str) -> tuple[str, str]:
         return ("imagegen", f"{self.namespace}:{kind}")
 
-    async def take(self, rpm: float | None, ipm: float | None, images: int, *, whole_minute: bool = False) -> float:
-        """Draw one request and ``images`` images from the windows: 0, or how long to wait (nothing drawn).
-
-        :param whole_minute: count requests over a moving 60 s window of ``rpm`` (a gateway's sliding window,
-            matched exactly: its slots are used as soon as they free) instead of the shortest equivalent one.
-        """
+    async def take(self, rpm: float | None, ipm: float | None, images: int) -> float:
+        """Draw one request and ``images`` images from the windows: 0, or how long to wait (nothing drawn)."""
         checks: list[tuple[RateLimitItem, tuple[str, str], int]] = []
-        if rpm and whole_minute:
-            checks.append((_Window(max(1, math.floor(rpm)), 60), self._key("requests-60s"), 1))
-        elif rpm:
+        if rpm:
             checks.append((_window(per_minute_item(rpm)), self._key("requests"), 1))
         if ipm:
             item = _window(per_minute_item(ipm, min_amount=MAX_IMAGES_PER_REQUEST))
@@ -187,31 +214,32 @@ class SharedBudget:
 
     # -- the learned request rate (token buckets), one for every process ---------------------------------------
 
-    @property
-    def _rate_key(self) -> str:
-        return f"imagegen:{self.namespace}:learned_rate"
+    def _rate_key(self, unit: str) -> str:
+        suffix = "" if unit == "requests" else f":{unit}"
+        return f"imagegen:{self.namespace}:learned_rate{suffix}"
 
-    async def shared_rate(self) -> float | None:
-        """The request rate (per second) some process learned last, if believable."""
+    async def shared_rate(self, *, unit: str = "requests") -> float | None:
+        """The rate (``unit`` per second: requests or images) some process learned last, if believable."""
         if self._redis is None:
             return None
-        value = await self._redis.get(self._rate_key)
+        value = await self._redis.get(self._rate_key(unit))
         try:
             rate = float(value) if value is not None else math.nan
         except ValueError:
             return None
         return rate if math.isfinite(rate) and 0.0 < rate < 1e6 else None
 
-    async def claim_rate_change(self, seconds: float) -> bool:
+    async def claim_rate_change(self, seconds: float, *, unit: str = "requests") -> bool:
         """Whether this process may change the shared rate now: one change per ``seconds`` for everyone, so
         that a burst of 429s seen by four processes is one decrease, not four."""
         if self._redis is None:
             return True
-        return bool(await self._redis.set(f"{self._rate_key}:lock", "1", nx=True, px=max(1, int(seconds * 1000))))
+        key = f"{self._rate_key(unit)}:lock"
+        return bool(await self._redis.set(key, "1", nx=True, px=max(1, int(seconds * 1000))))
 
-    async def share_rate(self, rate: float) -> None:
+    async def share_rate(self, rate: float, *, unit: str = "requests") -> None:
         if self._redis is not None:
-            await self._redis.set(self._rate_key, repr(rate), ex=SHAPE_TTL_SECONDS)
+            await self._redis.set(self._rate_key(unit), repr(rate), ex=SHAPE_TTL_SECONDS)
 
     async def members(self, member: str, now: float, *, alive: float = 5.0) -> int:
         """Mark ``member`` (one limiter) alive at ``now``; how many limiters were alive in the last ``alive``
@@ -226,3 +254,92 @@ class SharedBudget:
             pipe.expire(key, int(alive * 4))
             results = await pipe.execute()
         return max(1, int(results[2]))
+
+    # -- a learned sliding window, matched slot by slot --------------------------------------------------------
+
+    @property
+    def _slots_key(self) -> str:
+        return f"imagegen:{self.namespace}:window"
+
+    async def seed_window(self) -> None:
+        """Start the learned sliding window's log from the requests the gateway accepted (by anyone) before
+        the window was identified: they hold its slots until they leave it. Once per namespace (a second copy
+        would count them twice), so the first process to call it wins."""
+        if self._redis is None:
+            if not self._seeded:
+                self._seeded = True
+                for sent_at in self._accepted:
+                    bisect.insort(self._slots, sent_at)
+            return
+        if not await self._redis.set(f"{self._slots_key}:seeded", "1", nx=True, ex=SHAPE_TTL_SECONDS):
+            return
+        accepted = await self._redis.zrangebyscore(self._accepted_key, time.time() - LEDGER_SECONDS, "+inf",
+                                                   withscores=True)
+        if accepted:
+            await self._redis.zadd(self._slots_key, dict(accepted))
+            await self._redis.expire(self._slots_key, int(LEDGER_SECONDS) * 2)
+
+    async def take_slot(self, capacity: int, *, now: float, span: float) -> float:
+        """Admit one request at ``now`` (wall clock) into a window of ``capacity`` per ``span`` seconds: 0, or
+        how long until the oldest slot frees (nothing taken)."""
+        if self._redis is None:
+            del self._slots[:bisect.bisect_right(self._slots, now - span)]
+            if len(self._slots) < capacity:
+                bisect.insort(self._slots, now)
+                return 0.0
+            return max(0.001, self._slots[len(self._slots) - capacity] + span - now)
+        member = f"{now:.6f}:{random.getrandbits(48):x}"
+        wait = await self._redis.eval(_TAKE_SLOT, 1, self._slots_key, repr(now), repr(span), capacity, member,
+                                      int(LEDGER_SECONDS) * 2)
+        return float(wait)
+
+    async def give_back_slot(self, sent_at: float) -> None:
+        """A request sent at ``sent_at`` was refused: a sliding window did not count it, so neither does the log."""
+        if self._redis is None:
+            index = bisect.bisect_right(self._slots, sent_at) - 1
+            if index >= 0 and self._slots[index] >= sent_at - 1.0:
+                del self._slots[index]
+            return
+        await self._redis.eval(_GIVE_BACK, 1, self._slots_key, repr(sent_at))
+
+    # -- the cold start: one prober per namespace ------------------------------------------------------------
+
+    @property
+    def _warm_key(self) -> str:
+        return f"imagegen:{self.namespace}:warm"
+
+    async def claim_probe(self) -> bool:
+        """Whether this process is (or just became) the one that probes the gateway while nothing is learned.
+        A redis-py lock with a timeout: it lapses :data:`PROBE_LOCK_SECONDS` after its last renewal, so a dead
+        prober never blocks the others for longer. Always ``True`` in memory (one process)."""
+        if self._redis is None:
+            return True
+        if self._probe_lock is None:
+            self._probe_lock = self._redis.lock(f"imagegen:{self.namespace}:probe", timeout=PROBE_LOCK_SECONDS,
+                                                blocking=False, thread_local=False)
+        try:
+            if await self._probe_lock.owned():
+                await self._probe_lock.reacquire()
+                return True
+            return bool(await self._probe_lock.acquire(blocking=False))
+        except LockError:
+            # It lapsed between the two calls: another process may hold it now; ask again next time.
+            return False
+
+    async def release_probe(self) -> None:
+        if self._probe_lock is None or self._redis is None:
+            return
+        lock, self._probe_lock = self._probe_lock, None
+        with contextlib.suppress(LockError):  # never held, or it lapsed: nothing to give back
+            await lock.release()
+
+    async def mark_warm(self) -> None:
+        """Something was learned (or the gateway showed no limit at one process's pace): the cold start is over
+        for every process sharing the namespace."""
+        if self._redis is not None:
+            await self._redis.set(self._warm_key, "1", ex=SHAPE_TTL_SECONDS)
+
+    async def is_warm(self) -> bool:
+        if self._redis is None:
+            return True
+        return bool(await self._redis.exists(self._warm_key))

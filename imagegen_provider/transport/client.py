@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,8 +33,8 @@ from imagegen_provider.transport.download import (
     default_ssl_context,
     without_credentials,
 )
-from imagegen_provider.transport.pacing import reset_hint
-from imagegen_provider.transport.ratelimit import SENT_AT, RateLimiter, RateLimits
+from imagegen_provider.transport.pacing import refused_limit, reset_hint
+from imagegen_provider.transport.ratelimit import SENT_AT, SENT_IMAGES, RateLimiter, RateLimits
 from imagegen_provider.transport.retry import RetryPolicy, header_lookup, parse_retry_after
 from imagegen_provider.wire.dialects import Dialect, get_dialect
 from imagegen_provider.wire.errors import (
@@ -340,7 +341,10 @@ class ImageGenClient:
         try:
             await self.breaker.guard(self.limiter.acquire(images=request.n))
             progress.queued += time.monotonic() - waiting
-            result, latency = await self._send(request, body)
+            try:
+                result, latency = await self._send(request, body)
+            finally:
+                self.limiter.release()
         finally:
             slot.release()
         self.breaker.succeeded()
@@ -372,7 +376,12 @@ class ImageGenClient:
         retry_after = getattr(error, "retry_after", None)
         if isinstance(retry_after, float) and retry_after > self.retry.max_retry_after:
             self._log_capped_retry_after(retry_after)
-        return self.retry.delay(error, attempts)
+        delay = self.retry.delay(error, attempts)
+        if isinstance(error, RateLimitError) and retry_after is None and self.limiter.learns_windows:
+            # The limiter paused every request for as long as the gateway's window needs (and probes it while
+            # learning): backing off longer only leaves the slots it frees unused.
+            delay = min(delay, self.limiter.pause_remaining() + random.uniform(0.0, 0.5))
+        return delay
 
     def _log_capped_retry_after(self, retry_after: float) -> None:
         # Once per client: a gateway announcing an hour on every 429 would otherwise log it for every image.
@@ -409,6 +418,7 @@ class ImageGenClient:
         started = time.monotonic()
         sent_at = time.time()
         SENT_AT.set(sent_at)
+        SENT_IMAGES.set(request.n)
         try:
             async with asyncio.timeout(self.timeouts.attempt):
                 if request.stream:
@@ -432,7 +442,9 @@ class ImageGenClient:
             # 429s are expected under a limit and handled by the limiter: one line each would drown the log.
             log.log(logging.DEBUG if isinstance(exc, RateLimitError) else logging.WARNING, "Attempt failed: %s", exc)
             raise
-        await self.limiter.on_accepted(sent_at=sent_at)
+        usage = result.usage
+        tokens = usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)
+        await self.limiter.on_accepted(sent_at=sent_at, images=request.n, tokens=tokens or None)
         return result, time.monotonic() - started
 
     async def _send_plain(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:
@@ -459,11 +471,12 @@ class ImageGenClient:
             # Pause every waiting request now, instead of letting each of them hit the wall in turn. The
             # pause is capped like the retry wait: a gateway announcing hours must not stall the batch.
             # No Retry-After: the refusing budget's own reset time, when the headers name it.
-            pause = error.retry_after if error.retry_after is not None else reset_hint(header_lookup(response.headers))
+            headers = header_lookup(response.headers)
+            pause = error.retry_after if error.retry_after is not None else reset_hint(headers)
             if pause is not None and pause > self.retry.max_retry_after:
                 self._log_capped_retry_after(pause)
                 pause = self.retry.max_retry_after
-            await self.limiter.on_rate_limited(pause)
+            await self.limiter.on_rate_limited(pause, limit=refused_limit(headers, str(error)))
         raise error
 
     async def _send_streaming(self, body: dict[str, Any], secrets: list[str | None]) -> GenerationResult:

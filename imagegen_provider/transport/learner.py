@@ -80,12 +80,15 @@ def window_start(kind: WindowKind, now: float) -> float:
 
 
 def identify(*, episode_start: float, resumed_at: float, accepted_between: AcceptedBetween,
-             known: WindowKind | None = None) -> WindowShape | None:
+             oldest: float | None = None, known: WindowKind | None = None) -> WindowShape | None:
     """The window behind an episode of refusals without ``Retry-After`` that began at ``episode_start`` (the
     first refused request's send time) and ended when a request sent at ``resumed_at`` was accepted; ``None``
     when the episode was too short to be a window's.
 
     :param accepted_between: counts accepted requests by send time.
+    :param oldest: the send time of the oldest request accepted in the 60 s before the episode: a sliding
+        window frees its first slot 60 s after it (and the probing pause tries then, see
+        :func:`pause_without_retry_after`); resuming at :00 instead, long after, is a calendar window's.
     :param known: the window kind already identified, if any (a known fixed window stays fixed: after a
         minute of steady pacing, the last 60 s span two calendar minutes).
     """
@@ -96,10 +99,12 @@ def identify(*, episode_start: float, resumed_at: float, accepted_between: Accep
     if crossed and resumed_at - minute_start(resumed_at) < BOUNDARY_SLACK_SECONDS:
         start = minute_start(episode_start)
         in_calendar_minute = accepted_between(start, start + WINDOW_SECONDS)
+        sliding_fits = oldest is None or abs(oldest + WINDOW_SECONDS - resumed_at) < BOUNDARY_SLACK_SECONDS
         # A calendar window refused once its own minute was full: most of what was accepted in the last 60 s
-        # fell in that minute. A sliding window that happened to free at :00 refused after acceptances
-        # spread over two calendar minutes: its capacity is the last 60 s, not the calendar minute.
-        if known == "fixed" or in_calendar_minute >= FIXED_SHARE * last_minute:
+        # fell in that minute, or a sliding window would have accepted again long before :00. A sliding window
+        # that happened to free at :00 refused after acceptances spread over two calendar minutes: its
+        # capacity is the last 60 s, not the calendar minute.
+        if known == "fixed" or not sliding_fits or in_calendar_minute >= FIXED_SHARE * last_minute:
             return WindowShape("fixed", max(1, in_calendar_minute))
     return WindowShape("sliding", max(1, last_minute))
 
@@ -145,17 +150,25 @@ def pause_without_retry_after(*, shape: WindowShape | None, now: float, elapsed:
     * a sliding window: until the oldest accepted request in the last 60 s leaves it;
     * unknown: as long as the episode has lasted (at least 1 s: probes at 1, 2, 4, 8... s, a handful of
       refusals per minute), but never past the next minute boundary (where a calendar window accepts
-      again) nor past the moment a sliding window would free its oldest acceptance.
+      again) nor past the moment a sliding window would free its oldest acceptance (for an unknown window,
+      ``oldest_in_window`` is the oldest acceptance in the 60 s before the episode began: once that moment
+      has passed by more than a few seconds, refused, the window is not a sliding one, and later
+      acceptances' moments are not chased).
     """
     to_boundary = minute_start(now) + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS
     if shape is not None and shape.kind == "fixed":
         return to_boundary
-    sliding_frees = None if oldest_in_window is None else max(
-        0.2, oldest_in_window + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS)
+    sliding_frees = None if oldest_in_window is None else (
+        oldest_in_window + WINDOW_SECONDS - now + RESUME_MARGIN_SECONDS)
     if shape is not None and sliding_frees is not None:
-        return sliding_frees
+        return max(0.2, sliding_frees)
+    if sliding_frees is None or sliding_frees < -BOUNDARY_SLACK_SECONDS:
+        sliding_frees = to_boundary
+    else:
+        # Just after the moment, a request that raced it may have been refused: go on probing it.
+        sliding_frees = max(0.2, sliding_frees)
     # Unknown: also probe when a sliding window would free its first slot, so either kind is seen at once.
-    return min(max(1.0, elapsed), to_boundary, sliding_frees if sliding_frees is not None else to_boundary)
+    return min(max(1.0, elapsed), to_boundary, sliding_frees)
 
 
 def revised_capacity(shape: WindowShape, *, now: float, accepted_between: AcceptedBetween) -> WindowShape:

@@ -13,6 +13,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Mapping
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,28 @@ def announced_limit(header: str, value: str | None) -> float | None:
 #: The budgets a gateway may describe in ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` (OpenAI's and
 #: LiteLLM's names; LiteLLM forwards the provider's own under an ``llm_provider-`` prefix).
 RESET_KINDS = ("requests", "images", "tokens")
+#: One of :data:`RESET_KINDS`: the budget a 429 refused.
+LimitKind = Literal["requests", "images", "tokens"]
+
+#: How OpenAI's (and the bundled gateway's) 429 messages name the budget: "Rate limit reached for images per
+#: minute", "... on tokens per min (TPM)", "... on requests per min (RPM)".
+_NAMED_LIMIT = re.compile(r"\b(requests|images|tokens) per min", re.IGNORECASE)
+
+
+def refused_limit(headers: Mapping[str, str], message: str) -> LimitKind:
+    """Which budget a 429 refused: the images or tokens budget whose ``x-ratelimit-remaining-*`` is 0, else the
+    one the error message names, else requests. ``headers`` must have lower-case keys (or be case-insensitive).
+    """
+    for kind in ("images", "tokens"):
+        for prefix in ("", "llm_provider-"):
+            remaining = headers.get(f"{prefix}x-ratelimit-remaining-{kind}")
+            if remaining is not None and remaining.strip() in ("0", "0.0"):
+                return "images" if kind == "images" else "tokens"
+    named = _NAMED_LIMIT.search(message)
+    if named is None:
+        return "requests"
+    word = named.group(1).lower()
+    return "images" if word == "images" else "tokens" if word == "tokens" else "requests"
 
 
 def reset_hint(headers: Mapping[str, str]) -> float | None:
@@ -131,29 +154,36 @@ class AdaptiveRate:
 
     Used only when neither the configuration nor ``x-ratelimit-*`` headers give a limit. The first 429 sets
     the rate to what the gateway actually accepted in the last second (requests sent minus those refused);
-    further 429s cut it by 15% at most once a second; four seconds without 429s raise it by 1/s (or 2%,
-    whichever is larger).
+    further 429s cut it by 10% at most once a second; four seconds without 429s raise it by 1/s (or 2%,
+    whichever is larger) until the first cut, and by 2% after it: a rate cut once is close to the limit, and
+    a token bucket refuses again only once the excess has drained it, so small steps meet it rarely.
     """
 
-    DECREASE = 0.85
+    DECREASE = 0.9
+    #: The increase, as a share of the rate, once a 429 has cut it.
+    STEP_NEAR_LIMIT = 0.02
     MIN_INTERVAL = 1.0
     #: Quiet time before probing a higher rate: long enough for a gateway's burst allowance to drain, so
     #: that the probe is answered before the next one.
     PROBE_AFTER = 4.0
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "requests") -> None:
+        #: What the rate counts: ``requests``, or ``images`` (a request for ``n`` images counts ``n``).
+        self.unit = unit
         self.rate: float | None = None
-        self._sent: deque[float] = deque(maxlen=4096)
-        self._refused: deque[float] = deque(maxlen=4096)
+        self._sent: deque[tuple[float, int]] = deque(maxlen=4096)
+        self._refused: deque[tuple[float, int]] = deque(maxlen=4096)
         self._last_change = 0.0
         self._last_refusal = 0.0
         self._first_refusal = 0.0
+        #: A 429 after the first estimate cut the rate: it is near the limit.
+        self._cut = False
 
-    def sent(self, now: float) -> None:
-        self._sent.append(now)
+    def sent(self, now: float, amount: int = 1) -> None:
+        self._sent.append((now, amount))
 
-    def refused(self, now: float) -> None:
-        self._refused.append(now)
+    def refused(self, now: float, amount: int = 1) -> None:
+        self._refused.append((now, amount))
         self._last_refusal = now
         if self.rate is None or now - self._first_refusal < self.MIN_INTERVAL:
             # The first wave's refusals arrive one by one: keep refining what the gateway accepted, over a
@@ -162,23 +192,31 @@ class AdaptiveRate:
             if self.rate is None:
                 self._first_refusal = now
             since = self._first_refusal - 1.0
-            sent = sum(1 for t in self._sent if t >= since)
-            refused = sum(1 for t in self._refused if t >= since)
+            sent = sum(amount for t, amount in self._sent if t >= since)
+            refused = sum(amount for t, amount in self._refused if t >= since)
             estimate = max(1.0, (sent - refused) / (now - since))
             self.rate = estimate if self.rate is None else min(self.rate, estimate)
             self._last_change = now
-            log.debug("First refusals from the gateway; pacing at %.2f requests/s", self.rate)
+            log.debug("First refusals from the gateway; pacing at %.2f %s/s", self.rate, self.unit)
             return
         elif now - self._last_change >= self.MIN_INTERVAL:
             self.rate = max(1.0 / 60.0, self.rate * self.DECREASE)
             self._last_change = now
+            self._cut = True
         else:
             return
-        log.info("Gateway refused a request without announcing its limit; pacing at %.2f requests/s", self.rate)
+        log.info("Gateway refused a request without announcing its limit; pacing at %.2f %s/s", self.rate, self.unit)
 
-    def adopt(self, rate: float) -> None:
-        """Take up a rate another process (sharing the budget) learned."""
-        self.rate = rate
+    def adopt(self, rate: float, *, now: float) -> None:
+        """Take up a rate another process (sharing the budget) learned: a change like this process's own, so
+        the next increase waits :data:`PROBE_AFTER` (four processes must not each raise the fleet's rate)."""
+        if rate != self.rate:
+            self.rate = rate
+            self._last_change = now
+
+    def held_back(self, now: float) -> None:
+        """Another process sharing the budget was refused: the fleet's rate is not quiet, so no increase yet."""
+        self._last_refusal = max(self._last_refusal, now)
 
     def refining(self, now: float) -> bool:
         """Whether the first wave's refusals are still refining the first estimate."""
@@ -187,7 +225,10 @@ class AdaptiveRate:
     def maybe_increase(self, now: float) -> None:
         if self.rate is None or now - max(self._last_change, self._last_refusal) < self.PROBE_AFTER:
             return
-        self.rate += max(1.0 if self.rate >= 1 else 1.0 / 60.0, 0.02 * self.rate)
+        if self._cut:
+            self.rate += max(1.0 / 60.0, self.STEP_NEAR_LIMIT * self.rate)
+        else:
+            self.rate += max(1.0 if self.rate >= 1 else 1.0 / 60.0, 0.02 * self.rate)
         self._last_change = now
 
     def per_minute(self) -> float | None:

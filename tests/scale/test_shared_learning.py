@@ -9,6 +9,7 @@ import time
 import pytest
 
 from imagegen_provider.transport.learner import WindowShape
+from imagegen_provider.transport.pacing import AdaptiveRate
 from imagegen_provider.transport.ratelimit import SENT_AT, RateLimiter, RateLimits
 
 
@@ -55,7 +56,7 @@ async def test_a_burst_of_429s_across_limiters_is_one_decrease(redis_url):
         for limiter in limiters:  # the same congestion, seen by four processes at once
             await limiter.on_rate_limited(0.0)
         rates = {round(limiter.requests_per_minute or 0, 6) for limiter in limiters}
-        assert rates == {round(learned * 0.85, 6)}, (learned, rates)
+        assert rates == {round(learned * AdaptiveRate.DECREASE, 6)}, (learned, rates)
     finally:
         for limiter in limiters:
             await limiter.aclose()

@@ -35,15 +35,26 @@ def test_refusals_ending_mid_minute_identify_a_sliding_window():
 
 
 def test_a_sliding_window_freeing_at_the_boundary_is_not_taken_for_a_fixed_one():
-    # 100 accepted from :45 of one minute to :15 of the next (a burst straddling :00), refused from :15;
-    # the sliding window frees at :45, but a probe at :00 of the next minute happened to be accepted. Only 50
-    # of the 100 fell in the refusing calendar minute: a sliding window of 100, not a fixed window of 50.
+    # 100 accepted from :45 of one minute to :15 of the next
+    # (a burst straddling :00), refused from :15; the oldest acceptance's time not known, a probe at :00 of
+    # the next minute that was accepted is not enough: only 50 of the 100 fell in the refusing calendar
+    # minute, so a sliding window of 100, not a fixed window of 50.
     accepted = [MINUTE - 15 + i * 0.3 for i in range(100)]
     shape = identify(episode_start=MINUTE + 15, resumed_at=MINUTE + 60.2, accepted_between=counter(accepted))
     assert shape == WindowShape("sliding", 100)
     # A window already known to be fixed stays fixed (steady pacing spreads the last 60 s over two minutes).
     assert identify(episode_start=MINUTE + 15, resumed_at=MINUTE + 60.2, accepted_between=counter(accepted),
                     known="fixed") == WindowShape("fixed", 50)
+
+
+def test_a_start_straddling_the_boundary_still_identifies_a_fixed_window():
+    # A client starting at :42 sends 100 before :00 and 100 after (its window: 100 per calendar minute), is
+    # refused from :17 until :00: a sliding window would have accepted again at :42 (when the oldest
+    # acceptance left it, and the probing pause tried then); resuming only at :00 is a calendar window's.
+    accepted = [MINUTE - 18 + i * 0.18 for i in range(100)] + [MINUTE + i * 0.17 for i in range(100)]
+    shape = identify(episode_start=MINUTE + 17, resumed_at=MINUTE + 60.1, accepted_between=counter(accepted),
+                     oldest=MINUTE - 18)
+    assert shape == WindowShape("fixed", 100)
 
 
 def test_short_episodes_are_a_token_bucket_and_identify_nothing():
@@ -77,6 +88,13 @@ def test_pause_without_retry_after_per_shape():
     # ...nor past the moment a sliding window would free its oldest acceptance.
     assert pause_without_retry_after(shape=None, now=now, elapsed=30.0,
                                      oldest_in_window=MINUTE - 15.0) == pytest.approx(5.1)
+    # Once that moment has passed (its probe refused), only the episode's length and the boundary count: a
+    # window whose acceptances are spread over the minute does not draw a probe at each one's expiry.
+    assert pause_without_retry_after(shape=None, now=now, elapsed=8.0,
+                                     oldest_in_window=MINUTE - 25.0) == pytest.approx(8.0)
+    # A refusal of a request that raced the moment (a second after it): probe again at once.
+    assert pause_without_retry_after(shape=None, now=now, elapsed=30.0,
+                                     oldest_in_window=MINUTE - 21.0) == pytest.approx(0.2)
 
 
 def test_probing_an_unknown_window_costs_a_handful_of_refusals_per_minute():

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from imagegen_provider.transport import RateLimiter, RateLimits
-from imagegen_provider.transport.pacing import AdaptiveRate, Pacer, announced_limit, reset_hint
+from imagegen_provider.transport.pacing import AdaptiveRate, Pacer, announced_limit, refused_limit, reset_hint
 
 
 def test_pacer_spaces_sends_after_the_burst():
@@ -94,3 +94,65 @@ async def test_every_wait_is_bounded_by_max_wait():
 )
 def test_reset_hint_names_the_refusing_budget(headers, expected):
     assert reset_hint(headers) == (None if expected is None else pytest.approx(expected))
+
+
+# --- which budget a 429 refused --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "message", "expected"),
+    [
+        ({}, "Rate limit reached for images per minute. Please try again in 1s.", "images"),
+        ({}, "Rate limit reached for gpt-image-1 in organization org-x on tokens per min (TPM): Limit 1000",
+         "tokens"),
+        ({}, "Rate limit reached for dall-e-3 on requests per min (RPM): Limit 5", "requests"),
+        ({}, "Too Many Requests", "requests"),
+        ({"x-ratelimit-remaining-images": "0", "x-ratelimit-remaining-requests": "3"}, "", "images"),
+        ({"llm_provider-x-ratelimit-remaining-tokens": "0"}, "slow down", "tokens"),
+        ({"x-ratelimit-remaining-images": "2"}, "Rate limit reached for requests per minute", "requests"),
+    ],
+)
+def test_refused_limit_names_the_budget(headers, message, expected):
+    assert refused_limit(headers, message) == expected
+
+
+def test_adaptive_images_rate_counts_every_image_of_a_request():
+    """Requests for 4 images: 10 requests sent in half a second, 4 of them refused: 24 images were accepted."""
+    adaptive = AdaptiveRate("images")
+    for i in range(10):
+        adaptive.sent(10.0 + i * 0.05, 4)
+    adaptive.refused(10.5, 4)
+    for i in range(3):
+        adaptive.refused(10.5 + i * 0.01, 4)
+    # The first estimate: (40 - 16) images over the 1.02 s from a second before the first refusal to the last.
+    assert adaptive.rate == pytest.approx(24 / 1.02)
+    assert adaptive.per_minute() == pytest.approx(adaptive.rate * 60)
+
+
+def test_adopting_a_shared_rate_delays_the_next_increase():
+    adaptive = AdaptiveRate()
+    adaptive.adopt(10.0, now=100.0)
+    adaptive.maybe_increase(101.0)  # another process just changed the fleet's rate: wait
+    assert adaptive.rate == 10.0
+    adaptive.held_back(104.5)  # another process was refused
+    adaptive.maybe_increase(106.0)
+    assert adaptive.rate == 10.0
+    adaptive.maybe_increase(108.6)
+    assert adaptive.rate == 11.0
+
+
+def test_after_a_cut_the_rate_creeps_back_in_small_steps():
+    adaptive = AdaptiveRate()
+    for i in range(20):
+        adaptive.sent(10.0 + i * 0.05)
+    adaptive.refused(11.0)
+    first = adaptive.rate
+    assert first is not None
+    adaptive.maybe_increase(15.1)  # before any cut: a big step (1/s at least)
+    assert adaptive.rate == pytest.approx(first + max(1.0, 0.02 * first))
+    raised = adaptive.rate
+    adaptive.refused(16.5)
+    assert adaptive.rate == pytest.approx(raised * AdaptiveRate.DECREASE)
+    cut = adaptive.rate
+    adaptive.maybe_increase(20.6)  # near the limit now: 2 %
+    assert adaptive.rate == pytest.approx(cut * (1 + AdaptiveRate.STEP_NEAR_LIMIT))

@@ -17,6 +17,7 @@ import pytest
 from imagegen_gateway import GatewayConfig
 from imagegen_gateway.limiter import format_duration
 from imagegen_provider.transport import ImageGenClient, RateLimiter, RateLimits, RetryPolicy
+from imagegen_provider.transport.pacing import AdaptiveRate, LimitKind
 from imagegen_provider.transport.ratelimit import BURST_SECONDS, parse_duration, per_minute_item
 
 from .conftest import KEY, small_request
@@ -217,8 +218,8 @@ async def test_hidden_limit_is_learned_from_429s():
     await limiter.on_rate_limited(0.0)  # the same burst of refusals: one congestion signal, no further cut
     assert limiter.requests_per_minute == pytest.approx(learned)
     await limiter.on_accepted(sent_at=time.time())  # the burst is over...
-    await limiter.on_rate_limited(0.0)  # ...and a new one a second later cuts it by 15%
-    assert limiter.requests_per_minute == pytest.approx(learned * 0.85)
+    await limiter.on_rate_limited(0.0)  # ...and a new one a second later cuts it by 10%
+    assert limiter.requests_per_minute == pytest.approx(learned * AdaptiveRate.DECREASE)
 
 
 async def test_in_flight_cap_is_respected_on_the_wire(gateway_factory):
@@ -254,7 +255,7 @@ async def test_configured_rpm_paces_requests(keyed_gateway):
 class NoFeedbackLimiter(RateLimiter):
     """A limiter that ignores the gateway: no shared pause on 429, no limits learned from headers."""
 
-    async def on_rate_limited(self, retry_after: float | None) -> None:
+    async def on_rate_limited(self, retry_after: float | None, *, limit: LimitKind = "requests") -> None:
         self._rate_limited += 1
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:

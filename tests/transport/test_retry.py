@@ -18,6 +18,7 @@ from imagegen_provider.transport import (
     is_retryable,
     parse_retry_after,
 )
+from imagegen_provider.transport.pacing import LimitKind
 from imagegen_provider.wire.errors import (
     AuthenticationError,
     BadRequestError,
@@ -164,9 +165,9 @@ class RecordingLimiter(RateLimiter):
         self.announced: list[tuple[float, float | None]] = []
         self.admitted: list[float] = []
 
-    async def on_rate_limited(self, retry_after: float | None) -> None:
+    async def on_rate_limited(self, retry_after: float | None, *, limit: LimitKind = "requests") -> None:
         self.announced.append((time.monotonic(), retry_after))
-        await super().on_rate_limited(retry_after)
+        await super().on_rate_limited(retry_after, limit=limit)
 
     async def acquire(self, images: int = 1) -> float:
         waited = await super().acquire(images)
