@@ -32,8 +32,8 @@ CONTAINER = "bench"
 #: In flight: ``imagegen run``'s default --max-in-flight.
 IN_FLIGHT = 16
 #: ``IMAGEGEN_BENCH_PIN=1`` (on a machine with two cores or more) runs the client alone on one core and the servers
-#: (the gateway, the emulator) on another, in both runs of a pair. Off by default: measured over 12 pairs each, it
-#: did not lift the ratio (median 0.505 pinned, 0.485 not; bench/README.md), and unpinned is how users run it.
+#: (the gateway, the emulator) on another, in both runs of a pair. Off by default: measured, it
+#: lifted the median ratio (0.566 pinned, 0.486 not, 15 pairs each) but not to 0.67: bench/results/storage/pinning.md.
 PIN_ENV = "IMAGEGEN_BENCH_PIN"
 #: An access-log line of Azurite: ``127.0.0.1 - - [date] "PUT /account/container/blob?query HTTP/1.1" 201 -``.
 _ACCESS = re.compile(rb'"(?P<method>[A-Z]+) (?P<target>/\S*) HTTP/[\d.]+" (?P<status>\d{3})')
