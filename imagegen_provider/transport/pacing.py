@@ -155,13 +155,20 @@ class AdaptiveRate:
     Used only when neither the configuration nor ``x-ratelimit-*`` headers give a limit. The first 429 sets
     the rate to what the gateway actually accepted in the last second (requests sent minus those refused);
     further 429s cut it by 10% at most once a second; four seconds without 429s raise it by 1/s (or 2%,
-    whichever is larger) until the first cut, and by 2% after it: a rate cut once is close to the limit, and
-    a token bucket refuses again only once the excess has drained it, so small steps meet it rarely.
+    whichever is larger) until the first cut, by 2% after it, and by 0.5% once back within 3% of the rate last
+    refused: a rate cut once is close to the limit, and a token bucket refuses again only once the excess has
+    drained it, so small steps meet it rarely.
     """
 
     DECREASE = 0.9
     #: The increase, as a share of the rate, once a 429 has cut it.
     STEP_NEAR_LIMIT = 0.02
+    #: Back within this share of the rate the gateway last refused (the ceiling), the rate rises by
+    #: :data:`STEP_AT_CEILING` instead: the limit is most likely there, and each step past it costs a burst of
+    #: 429s, so the rate lingers where it was refused rather than crossing it every few seconds (the plateau of
+    #: TCP CUBIC, in its simplest form).
+    NEAR_CEILING = 0.97
+    STEP_AT_CEILING = 0.005
     MIN_INTERVAL = 1.0
     #: Quiet time before probing a higher rate: long enough for a gateway's burst allowance to drain, so
     #: that the probe is answered before the next one.
@@ -178,6 +185,8 @@ class AdaptiveRate:
         self._first_refusal = 0.0
         #: A 429 after the first estimate cut the rate: it is near the limit.
         self._cut = False
+        #: The rate at the last cut (this process's or, adopted, another's): where the gateway refused.
+        self._ceiling: float | None = None
 
     def sent(self, now: float, amount: int = 1) -> None:
         self._sent.append((now, amount))
@@ -200,6 +209,7 @@ class AdaptiveRate:
             log.debug("First refusals from the gateway; pacing at %.2f %s/s", self.rate, self.unit)
             return
         elif now - self._last_change >= self.MIN_INTERVAL:
+            self._ceiling = self.rate
             self.rate = max(1.0 / 60.0, self.rate * self.DECREASE)
             self._last_change = now
             self._cut = True
@@ -211,6 +221,9 @@ class AdaptiveRate:
         """Take up a rate another process (sharing the budget) learned: a change like this process's own, so
         the next increase waits :data:`PROBE_AFTER` (four processes must not each raise the fleet's rate)."""
         if rate != self.rate:
+            if self.rate is not None and rate < self.rate:
+                # Another process's cut: the fleet was refused at about this process's rate.
+                self._ceiling, self._cut = self.rate, True
             self.rate = rate
             self._last_change = now
 
@@ -226,7 +239,9 @@ class AdaptiveRate:
         if self.rate is None or now - max(self._last_change, self._last_refusal) < self.PROBE_AFTER:
             return
         if self._cut:
-            self.rate += max(1.0 / 60.0, self.STEP_NEAR_LIMIT * self.rate)
+            near_ceiling = self._ceiling is not None and self.rate >= self.NEAR_CEILING * self._ceiling
+            step = self.STEP_AT_CEILING if near_ceiling else self.STEP_NEAR_LIMIT
+            self.rate += max(1.0 / 60.0, step * self.rate)
         else:
             self.rate += max(1.0 if self.rate >= 1 else 1.0 / 60.0, 0.02 * self.rate)
         self._last_change = now

@@ -156,3 +156,39 @@ def test_after_a_cut_the_rate_creeps_back_in_small_steps():
     cut = adaptive.rate
     adaptive.maybe_increase(20.6)  # near the limit now: 2 %
     assert adaptive.rate == pytest.approx(cut * (1 + AdaptiveRate.STEP_NEAR_LIMIT))
+
+
+def test_back_near_the_rate_last_refused_the_rate_lingers():
+    adaptive = AdaptiveRate()
+    for i in range(20):
+        adaptive.sent(10.0 + i * 0.05)
+    adaptive.refused(11.0)
+    adaptive.refused(12.5)  # a cut: the gateway refused at this rate
+    assert adaptive.rate is not None
+    ceiling = adaptive.rate / AdaptiveRate.DECREASE
+    now, steps = 12.5, []
+    while adaptive.rate < ceiling * 1.01:
+        now += AdaptiveRate.PROBE_AFTER
+        before = adaptive.rate
+        adaptive.maybe_increase(now)
+        steps.append(adaptive.rate / before - 1)
+    kinds = ["fast" if s == pytest.approx(AdaptiveRate.STEP_NEAR_LIMIT) else
+             "slow" if s == pytest.approx(AdaptiveRate.STEP_AT_CEILING) else "other" for s in steps]
+    # Big steps up to 97 % of the ceiling, then small ones past it.
+    assert kinds == ["fast"] * kinds.count("fast") + ["slow"] * kinds.count("slow"), kinds
+    assert kinds.count("fast") and kinds.count("slow") >= 6, kinds
+
+
+def test_a_cut_adopted_from_another_process_sets_the_ceiling_too():
+    adaptive = AdaptiveRate()
+    adaptive.adopt(10.0, now=0.0)
+    adaptive.adopt(9.0, now=1.0)  # another process was refused and cut the fleet's rate
+    adaptive.maybe_increase(5.1)
+    assert adaptive.rate == pytest.approx(9.0 * (1 + AdaptiveRate.STEP_NEAR_LIMIT))
+    adaptive.maybe_increase(9.2)
+    adaptive.maybe_increase(13.3)
+    adaptive.maybe_increase(17.4)  # 9.0 * 1.02 ** 4 = 9.74: past 0.97 * 10, small steps from here
+    assert adaptive.rate == pytest.approx(9.0 * (1 + AdaptiveRate.STEP_NEAR_LIMIT) ** 4)
+    before = adaptive.rate
+    adaptive.maybe_increase(21.5)
+    assert adaptive.rate == pytest.approx(before * (1 + AdaptiveRate.STEP_AT_CEILING))
