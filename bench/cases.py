@@ -64,6 +64,8 @@ TARGETS = {
     "batch_cost_ratio": ("<=", 0.5, "batch mode: cost per image batch ÷ sync ≤ 0.5"),
     "storage_requests_per_image": ("<=", 1.5, "object store: storage requests per image ≤ 1.5"),
     "storage_speed_ratio": (">=", 0.67, "object store: images/s to Azurite ≥ 0.67 × local folder"),
+    "shape_throughput_over_r": (">=", 0.95, "hidden limit of any shape, no --rpm: ≥ 0.95·R over whole minutes"),
+    "shape_429_share": ("<=", 0.05, "hidden limit of any shape: ≤ 5 % of requests answered 429"),
     "proxy_throughput_over_r": (">=", 0.95, "through a LiteLLM proxy enforcing rpm R, no --rpm: ≥ 0.95·R"),
     "proxy_429_share": ("<=", 0.05, "through a LiteLLM proxy: ≤ 5 % of requests answered 429"),
     "proxy_cost_filled": (">=", 1.0, "through a LiteLLM proxy, aliased model: every image row has its cost"),
@@ -756,6 +758,11 @@ def case_limiter_shapes(ctx: Ctx) -> dict[str, Any]:
             per_request = IPM_IMAGES_PER_REQUEST if key == ipm_key else 1
             records[key] = {"shape": shape, **_shape_record(folder, key, children, mine, gateway.stats(),
                                                             p.rpm / per_request)}
+            records[key]["images_delivered"] = records[key]["succeeded"] * per_request
+            records[key]["targets"] = {
+                "throughput_over_r": check("shape_throughput_over_r", records[key]["throughput_over_r"]),
+                "share_429": check("shape_429_share", records[key]["share_429"]),
+            }
             ctx.log(f"  [limiter_shapes] {key}: throughput/R {records[key]['throughput_over_r']}, "
                     f"429 share {records[key]['share_429']}")
     finally:
