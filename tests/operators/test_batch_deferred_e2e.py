@@ -10,7 +10,6 @@ succeeds; one batch was created, no image was charged twice, and the dataset's r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import free_port, wait_for_port
-from tests.scale._support import REPO, child_env, gateway_process
+from tests.scale._support import REPO, airflow_env, gateway_process
 from tests.scale.test_sharded_dag_e2e import AirflowDeployment, _task_runner_of, descendants
 
 # Airflow 3.0.x's triggerer dies with "Response read out of order!" when a trigger's requests to its supervisor
@@ -37,19 +36,8 @@ BATCH_DELAY = 15  # seconds the gateway keeps the batch in progress
 
 def _env(root: Path, api_port: int, gateway_api: str) -> dict[str, str]:
     connection = {"conn_type": "imagegen", "host": gateway_api, "password": "sk-e2e-batch-key"}
-    return child_env(
-        AIRFLOW_HOME=str(root / "home"),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{root / 'home' / 'airflow.db'}",
-        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
-        AIRFLOW__CORE__PARALLELISM="2",
-        AIRFLOW__CORE__DAGS_FOLDER=str(root / "dags"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
-        AIRFLOW__API__HOST="127.0.0.1",
-        AIRFLOW__API__PORT=str(api_port),
-        AIRFLOW__API_AUTH__JWT_SECRET="imagegen-batch-test-" + os.urandom(8).hex(),
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+    return airflow_env(
+        root, api_port=api_port, executor="LocalExecutor", parallelism=2, label="batch-test",
         AIRFLOW_CONN_IMAGEGEN_BATCH=json.dumps(connection),
         IMAGEGEN_PROMPTS=str(PROMPTS),
         IMAGEGEN_OUTPUT_ROOT=str(root / "output"),

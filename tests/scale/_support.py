@@ -48,6 +48,27 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def airflow_env(root: Path, *, api_port: int, executor: str, parallelism: int, label: str,
+                **extra: str) -> dict[str, str]:
+    """The environment of an Airflow deployment in ``root`` (``home/`` on SQLite, ``dags/``) whose API server
+    listens on 127.0.0.1:``api_port``: what the sharded-DAG, deferred-batch and Celery tests share."""
+    return child_env(
+        AIRFLOW_HOME=str(root / "home"),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{root / 'home' / 'airflow.db'}",
+        AIRFLOW__CORE__EXECUTOR=executor,
+        AIRFLOW__CORE__PARALLELISM=str(parallelism),
+        AIRFLOW__CORE__DAGS_FOLDER=str(root / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__PORT=str(api_port),
+        AIRFLOW__API_AUTH__JWT_SECRET=f"imagegen-{label}-" + os.urandom(8).hex(),
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        **extra,
+    )
+
+
 def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
     """Stop a process started with ``start_new_session=True`` and everything it started."""
     if process.poll() is not None:

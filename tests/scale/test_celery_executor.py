@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import free_port, wait_for_port
-from tests.scale._support import REPO, child_env, gateway_process, max_window, per_second, write_prompts
+from tests.scale._support import REPO, airflow_env, gateway_process, max_window, per_second, write_prompts
 from tests.scale.test_sharded_dag_e2e import AIRFLOW, DAG_ID, AirflowDeployment
 
 pytestmark = [
@@ -114,19 +114,8 @@ def _environment(root: Path, redis_url: str, api_base: str, api_port: int) -> di
         connection["extra"]["rate_limit_backend"] = f"{base}/2"
     if CONNECTION_RPM:
         connection["extra"]["rpm"] = int(CONNECTION_RPM)
-    return child_env(
-        AIRFLOW_HOME=str(root / "home"),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{root / 'home' / 'airflow.db'}",
-        AIRFLOW__CORE__EXECUTOR="CeleryExecutor",
-        AIRFLOW__CORE__PARALLELISM=str(WORKERS * CONCURRENCY),
-        AIRFLOW__CORE__DAGS_FOLDER=str(root / "dags"),
-        AIRFLOW__CORE__LOAD_EXAMPLES="False",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
-        AIRFLOW__API__HOST="127.0.0.1",
-        AIRFLOW__API__PORT=str(api_port),
-        AIRFLOW__API_AUTH__JWT_SECRET="imagegen-celery-proof-" + os.urandom(8).hex(),
-        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+    return airflow_env(
+        root, api_port=api_port, executor="CeleryExecutor", parallelism=WORKERS * CONCURRENCY, label="celery-proof",
         AIRFLOW__CELERY__BROKER_URL=f"{base}/0",
         AIRFLOW__CELERY__RESULT_BACKEND=f"{base}/1",
         AIRFLOW__CELERY__WORKER_CONCURRENCY=str(CONCURRENCY),

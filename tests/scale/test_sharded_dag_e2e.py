@@ -37,7 +37,7 @@ import pytest
 
 from imagegen_provider.cli import main as imagegen_main
 from tests.conftest import free_port, wait_for_port
-from tests.scale._support import PYTHON, REPO, child_env, gateway_process
+from tests.scale._support import PYTHON, REPO, airflow_env, child_env, gateway_process
 
 DAG_ID = "synthetic_dataset_sharded"
 PROMPTS = REPO / "sample_data" / "prompts.parquet"
@@ -210,19 +210,8 @@ def test_sharded_dag_on_scheduler_with_local_executor(tmp_path, record_property)
     with gateway_process("--latency", "0.8-1.2", "--fault-seed", "11") as gateway:
         connection = {"conn_type": "imagegen", "host": gateway.api_base, "password": "k",
                       "extra": {"max_in_flight": MAX_IN_FLIGHT}}
-        env = child_env(
-            AIRFLOW_HOME=str(root / "home"),
-            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{root / 'home' / 'airflow.db'}",
-            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
-            AIRFLOW__CORE__PARALLELISM="6",
-            AIRFLOW__CORE__DAGS_FOLDER=str(root / "dags"),
-            AIRFLOW__CORE__LOAD_EXAMPLES="False",
-            AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
-            AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
-            AIRFLOW__API__HOST="127.0.0.1",
-            AIRFLOW__API__PORT=str(api_port),
-            AIRFLOW__API_AUTH__JWT_SECRET="imagegen-scale-test-" + os.urandom(8).hex(),
-            AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        env = airflow_env(
+            root, api_port=api_port, executor="LocalExecutor", parallelism=6, label="scale-test",
             AIRFLOW_CONN_IMAGEGEN_DEFAULT=json.dumps(connection),
             IMAGEGEN_PROMPTS=str(PROMPTS),
             IMAGEGEN_OUTPUT_ROOT=str(root / "output"),
