@@ -240,7 +240,10 @@ class BatchRunner:
             the rescue ledger named in the message.
         """
         with quiet_storage_logs():
-            return await self._run()
+            try:
+                return await self._run()
+            finally:
+                await self.output.aclose()
 
     async def _run(self) -> RunSummary:
         started = time.monotonic()

@@ -1,4 +1,4 @@
-"""A folder on any fsspec filesystem (local, file://, s3://, gs://, memory://)."""
+"""A folder on any fsspec filesystem (local, file://, s3://, gs://, az://, memory://)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+from imagegen_provider.engine.azure_blob import BlobUploads, blob_uploads_for
 
 #: Suffix of the temporary files of atomic writes; a process killed mid-write can leave one behind.
 TEMP_SUFFIX = ".tmp"
@@ -123,6 +125,9 @@ class StorageLocation:
     protocol: str | None = None
     #: Folders known to exist, most recent last; bounded, since every prompt id has its own folder.
     _made_dirs: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
+    #: Azure Blob with an account key or a SAS: uploads as plain Put Blob requests (see :mod:`.azure_blob`);
+    #: shared with :meth:`child` locations, so that a run keeps one HTTP session.
+    _blob_uploads: BlobUploads | None = field(default=None, repr=False)
 
     @classmethod
     def from_url(cls, url: Any, storage_options: Mapping[str, Any] | None = None) -> StorageLocation:
@@ -137,7 +142,10 @@ class StorageLocation:
             fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
             protocol, _ = fsspec.core.split_protocol(str(url))
         _skip_empty_env_lookups(fs)
-        return cls(fs=fs, root=root.rstrip("/") or "/", protocol=protocol or None)
+        return cls(
+            fs=fs, root=root.rstrip("/") or "/", protocol=protocol or None,
+            _blob_uploads=blob_uploads_for(fs, trust_env=_environment_configures_http()),
+        )
 
     def _as_written(self, path: str) -> str:
         uri = str(self.fs.unstrip_protocol(path))
@@ -163,7 +171,9 @@ class StorageLocation:
         return self._as_written(self.path(relative))
 
     def child(self, relative: str) -> StorageLocation:
-        return StorageLocation(fs=self.fs, root=self.path(relative), protocol=self.protocol)
+        return StorageLocation(
+            fs=self.fs, root=self.path(relative), protocol=self.protocol, _blob_uploads=self._blob_uploads
+        )
 
     def _ensure_parent(self, path: str) -> None:
         # Object stores have no folders; only local filesystems need them made before writing.
@@ -198,15 +208,27 @@ class StorageLocation:
         """:meth:`write_bytes` for a coroutine. On an asynchronous filesystem the upload is a coroutine on the
         filesystem's loop: no thread is held while it is on the wire, so every upload the caller has in flight
         is sent at once — through a thread each (``asyncio.to_thread``), at most the default pool's
-        ``min(32, cores + 4)`` would be (6 on 2 cores), and each would pay two thread hand-offs.
+        ``min(32, cores + 4)`` would be (6 on 2 cores), and each would pay two thread hand-offs. On Azure Blob
+        with a key or a SAS, it is a Put Blob request on the caller's own loop (:mod:`.azure_blob`).
 
         :param atomic: as for :meth:`write_bytes` (object stores are atomic per object already).
         """
+        if self._blob_uploads is not None:
+            path = self.path(relative)
+            await self._blob_uploads.put(path, data)
+            # adlfs caches listings by folder: the next listing must show this blob.
+            self.fs.invalidate_cache(posixpath.dirname(path))
+            return path
         if not _is_async(self.fs):
             return await asyncio.to_thread(self.write_bytes, relative, data, atomic=atomic)
         path = self.path(relative)
         await _on_loop_of(self.fs, self.fs._pipe_file(path, data))
         return path
+
+    async def aclose(self) -> None:
+        """Release what :meth:`write_bytes_async` opened (the Put Blob session); later writes reopen it."""
+        if self._blob_uploads is not None:
+            await self._blob_uploads.aclose()
 
     @contextmanager
     def open_atomic(self, relative: str) -> Iterator[Any]:

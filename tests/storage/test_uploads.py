@@ -1,5 +1,5 @@
-"""How uploads reach an object store: as coroutines on the filesystem's own loop (no worker thread held per
-upload), and, on Azure, without the per-request environment lookups that can find nothing."""
+"""How uploads reach an object store: as coroutines on an event loop (no worker thread held per upload), and,
+on Azure, without the per-request environment lookups that can find nothing."""
 
 from __future__ import annotations
 
@@ -39,13 +39,17 @@ async def test_uploads_to_an_object_store_need_no_worker_thread(request, tmp_pat
     finally:
         release.set()
         pool.shutdown(wait=False)
+        await location.aclose()
 
 
 async def test_an_upload_the_store_refuses_raises_in_the_caller(azurite):
     missing = StorageLocation.from_url("az://no-such-container/run", azurite["storage_options"])
     # The store's own error, as the sync wrapper would raise it (the runner turns it into a storage failure).
-    with pytest.raises(Exception, match="container does not exist"):
-        await asyncio.wait_for(missing.write_bytes_async("images/a.png", b"x"), timeout=60)
+    try:
+        with pytest.raises(Exception, match="container does not exist"):
+            await asyncio.wait_for(missing.write_bytes_async("images/a.png", b"x"), timeout=60)
+    finally:
+        await missing.aclose()
 
 
 def _count_env_lookups(monkeypatch) -> list[str]:
@@ -80,6 +84,7 @@ async def test_azure_uploads_skip_environment_lookups_that_can_find_nothing(azur
     calls = _count_env_lookups(monkeypatch)
     location = _fresh_azure_location(azurite, "no-env")
     await asyncio.gather(*(location.write_bytes_async(f"images/{i}.png", b"x") for i in range(5)))
+    await location.aclose()
     assert await asyncio.to_thread(location.list_files, "images") == [f"images/{i}.png" for i in range(5)]
     assert calls == []
 
@@ -100,5 +105,6 @@ async def test_azure_uploads_still_look_up_what_the_environment_configures(azuri
     calls = _count_env_lookups(monkeypatch)
     location = _fresh_azure_location(azurite, f"with-{configured}")
     await asyncio.gather(*(location.write_bytes_async(f"images/{i}.png", b"x") for i in range(5)))
+    await location.aclose()
     # The SDK's default behaviour, kept: aiohttp looks the environment up for every request.
     assert calls.count(configured) >= 5
