@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import yarl
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from imagegen_provider.wire.errors import excerpt
@@ -139,8 +140,12 @@ class BlobUploads:
             sock_read=READ_TIMEOUT_S,
         )
         try:
-            target = self._authorize(url, headers)
-            async with self._session_now().put(target, data=data, headers=headers, timeout=timeout) as answer:
+            # Sent exactly as signed: yarl would otherwise re-quote the path, and no redirect is followed (Azure
+            # never redirects a Put Blob; following one would send the body and its authorisation elsewhere).
+            target = yarl.URL(self._authorize(url, headers), encoded=True)
+            async with self._session_now().put(
+                target, data=data, headers=headers, timeout=timeout, allow_redirects=False
+            ) as answer:
                 if answer.status == 201:
                     return
                 body = await answer.content.read(ERROR_BODY_BYTES)

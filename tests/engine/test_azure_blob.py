@@ -75,6 +75,31 @@ async def test_an_account_key_makes_signed_put_blob_requests_the_store_checks(az
     assert properties.metadata == {"is_directory": "false"}
 
 
+async def test_names_that_need_quoting_are_stored_under_the_name_given(azurite, monkeypatch):
+    location = _location(azurite["storage_options"], f"az://{azurite['container']}/odd root+é")
+    _no_sdk_uploads(monkeypatch)
+    names = ["images/a b+c%d/0-1.png", "images/é~!$&'()*,;=:@/x.png", "images/percent%2F/y.png"]
+    try:
+        for name in names:
+            await location.write_bytes_async(name, name.encode())
+    finally:
+        await location.aclose()
+    assert await asyncio.to_thread(location.list_files, "images") == sorted(names)
+    for name in names:
+        assert await asyncio.to_thread(location.read_bytes, name) == name.encode()
+
+
+async def test_a_redirect_is_refused_not_followed(scripted_store):
+    scripted_store.script = [307]
+    location = _location(_key_options(scripted_store.port), "az://c/run")
+    try:
+        with pytest.raises(BlobUploadError, match="HTTP 307"):
+            await location.write_bytes_async("images/a.png", PNG)
+    finally:
+        await location.aclose()
+    assert len(scripted_store.received) == 1
+
+
 async def test_a_body_changed_on_the_way_is_refused_and_not_stored(azurite):
     location = _location(azurite["storage_options"], f"az://{azurite['container']}/md5")
     uploads = location._blob_uploads
@@ -162,6 +187,8 @@ class _ScriptedStore(http.server.BaseHTTPRequestHandler):
         script = type(self).script
         status = script.pop(0) if len(script) > 1 else script[0]
         self.send_response(status)
+        if 300 <= status < 400:  # a redirect to another blob of this very server: following it would show
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/acct/c/elsewhere.png")
         if status != 201:
             self.send_header("x-ms-error-code", "ServerBusy" if status == 503 else "InvalidHeaderValue")
         self.send_header("Content-Length", "0")
