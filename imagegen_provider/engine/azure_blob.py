@@ -191,10 +191,9 @@ def _secrets_of(sas: str) -> tuple[str, ...]:
 
 def blob_uploads_for(fs: Any, *, trust_env: bool) -> BlobUploads | None:
     """Put Blob uploads for an adlfs filesystem whose credential is an account key or a SAS; ``None`` for any
-    other filesystem or credential (its uploads stay with the SDK)."""
+    other credential (its uploads stay with the SDK)."""
     service_client = getattr(fs, "service_client", None)
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if service_client is None or "abfs" not in protocols:
+    if service_client is None:
         return None
     parts = urllib.parse.urlsplit(str(service_client.url))
     endpoint = urllib.parse.urlunsplit(parts._replace(query="", fragment=""))

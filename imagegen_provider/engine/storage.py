@@ -33,9 +33,13 @@ def is_temp_file(path: str) -> bool:
 _MADE_DIRS_KEPT = 1024
 
 
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    """The filesystem's protocol names (fsspec gives one name or several)."""
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
 def _is_local(fs: AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return any(p in ("file", "local") for p in protocols)
+    return any(p in ("file", "local") for p in _protocols(fs))
 
 
 _RM_TAKES_EXPAND_PATH: dict[type, bool] = {}
@@ -76,7 +80,7 @@ def _environment_configures_http() -> bool:
     return (home / ".netrc").exists() or (home / "_netrc").exists()
 
 
-def _skip_empty_env_lookups(fs: AbstractFileSystem) -> None:
+def _skip_empty_env_lookups(fs: AbstractFileSystem, configures_http: bool) -> None:
     """adlfs only: stop the Azure SDK's aiohttp session from looking the environment up on every request when
     the environment holds nothing to find.
 
@@ -91,8 +95,18 @@ def _skip_empty_env_lookups(fs: AbstractFileSystem) -> None:
     transport = getattr(getattr(client, "_config", None), "transport", None)
     if transport is None or not hasattr(transport, "_use_env_settings") or getattr(transport, "session", None):
         return
-    if not _environment_configures_http():
+    if not configures_http:
         transport._use_env_settings = False
+
+
+def _azure_uploads(fs: AbstractFileSystem) -> BlobUploads | None:
+    """For adlfs: its SDK session without the lookups that can find nothing, and the Put Blob uploads its
+    credential allows (both look the environment up the same way, once)."""
+    if "abfs" not in _protocols(fs):
+        return None
+    configures_http = _environment_configures_http()
+    _skip_empty_env_lookups(fs, configures_http)
+    return blob_uploads_for(fs, trust_env=configures_http)
 
 
 def _is_async(fs: AbstractFileSystem) -> bool:
@@ -141,17 +155,12 @@ class StorageLocation:
         else:
             fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
             protocol, _ = fsspec.core.split_protocol(str(url))
-        _skip_empty_env_lookups(fs)
-        return cls(
-            fs=fs, root=root.rstrip("/") or "/", protocol=protocol or None,
-            _blob_uploads=blob_uploads_for(fs, trust_env=_environment_configures_http()),
-        )
+        return cls(fs=fs, root=root.rstrip("/") or "/", protocol=protocol or None, _blob_uploads=_azure_uploads(fs))
 
     def _as_written(self, path: str) -> str:
         uri = str(self.fs.unstrip_protocol(path))
         scheme, sep, rest = uri.partition("://")
-        names = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        if sep and self.protocol and self.protocol != scheme and self.protocol in names:
+        if sep and self.protocol and self.protocol != scheme and self.protocol in _protocols(self.fs):
             return f"{self.protocol}://{rest}"
         return uri
 
