@@ -36,6 +36,18 @@ def _location(options: dict, url: str) -> StorageLocation:
     return StorageLocation.from_url(url, {**options, "skip_instance_cache": True})
 
 
+async def _refused_write(options: dict, url: str, match: str | None = None, relative: str = "images/a.png"):
+    """Write ``relative`` under ``url``, which must fail with a :class:`BlobUploadError` (matching ``match``);
+    returns the error."""
+    location = _location(options, url)
+    try:
+        with pytest.raises(BlobUploadError, match=match) as caught:
+            await location.write_bytes_async(relative, PNG)
+    finally:
+        await location.aclose()
+    return caught.value
+
+
 def _container_sas(azurite, **permissions) -> str:
     from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
@@ -91,12 +103,7 @@ async def test_names_that_need_quoting_are_stored_under_the_name_given(azurite, 
 
 async def test_a_redirect_is_refused_not_followed(scripted_store):
     scripted_store.script = [307]
-    location = _location(_key_options(scripted_store.port), "az://c/run")
-    try:
-        with pytest.raises(BlobUploadError, match="HTTP 307"):
-            await location.write_bytes_async("images/a.png", PNG)
-    finally:
-        await location.aclose()
+    await _refused_write(_key_options(scripted_store.port), "az://c/run", "HTTP 307")
     assert len(scripted_store.received) == 1
 
 
@@ -132,25 +139,17 @@ async def test_a_sas_the_user_gave_authorises_uploads_and_never_shows(azurite, m
 
     read_only = _container_sas(azurite, read=True)
     options = {"connection_string": f"BlobEndpoint={azurite['endpoint']};SharedAccessSignature={read_only}"}
-    refused = _location(options, f"az://{azurite['container']}/by-sas")
-    try:
-        with pytest.raises(BlobUploadError, match=r"Put Blob .*by-sas/images/c.png: HTTP 403") as caught:
-            await refused.write_bytes_async("images/c.png", PNG)
-    finally:
-        await refused.aclose()
-    _assert_no_secret(str(caught.value), read_only)
+    refused = await _refused_write(
+        options, f"az://{azurite['container']}/by-sas", r"Put Blob .*by-sas/images/c.png: HTTP 403", "images/c.png"
+    )
+    _assert_no_secret(str(refused), read_only)
 
 
 async def test_a_refused_upload_names_the_blob_and_carries_no_key(azurite):
-    location = _location(azurite["storage_options"], "az://no-such-container/run")
-    try:
-        with pytest.raises(BlobUploadError) as caught:
-            await location.write_bytes_async("images/a.png", PNG)
-    finally:
-        await location.aclose()
-    text = str(caught.value)
+    refused = await _refused_write(azurite["storage_options"], "az://no-such-container/run")
+    text = str(refused)
     assert "no-such-container/run/images/a.png" in text and "HTTP 404 ContainerNotFound" in text
-    assert not caught.value.retryable
+    assert not refused.retryable
     _assert_no_secret(text, azurite["key"])
 
 
@@ -158,16 +157,11 @@ async def test_an_unreachable_store_fails_within_bounds_without_the_sas(monkeypa
     monkeypatch.setattr(azure_blob, "ATTEMPTS", 2)
     sas = "sv=2026-10-06&sr=c&sp=cw&sig=c2VjcmV0LXNpZ25hdHVyZS1mb3ItdGVzdHM%3D"
     options = {"connection_string": f"BlobEndpoint=http://127.0.0.1:{free_port()}/acct;SharedAccessSignature={sas}"}
-    location = _location(options, "az://c/run")
     started = time.monotonic()
-    try:
-        with pytest.raises(BlobUploadError, match=r"Put Blob c/run/images/a\.png: ClientConnectorError") as caught:
-            await location.write_bytes_async("images/a.png", PNG)
-    finally:
-        await location.aclose()
+    refused = await _refused_write(options, "az://c/run", r"Put Blob c/run/images/a\.png: ClientConnectorError")
     assert time.monotonic() - started < 10
-    assert caught.value.retryable and caught.value.__cause__ is None and caught.value.__suppress_context__
-    _assert_no_secret(str(caught.value), sas, "c2VjcmV0LXNpZ25hdHVyZS1mb3ItdGVzdHM=")
+    assert refused.retryable and refused.__cause__ is None and refused.__suppress_context__
+    _assert_no_secret(str(refused), sas, "c2VjcmV0LXNpZ25hdHVyZS1mb3ItdGVzdHM=")
 
 
 class _ScriptedStore(http.server.BaseHTTPRequestHandler):
@@ -235,23 +229,13 @@ async def test_transient_answers_are_retried_and_each_attempt_is_signed_anew(scr
 
 async def test_a_store_that_keeps_failing_is_given_up_after_the_attempts_allowed(scripted_store):
     scripted_store.script = [503]
-    location = _location(_key_options(scripted_store.port), "az://c/run")
-    try:
-        with pytest.raises(BlobUploadError, match="HTTP 503 ServerBusy") as caught:
-            await location.write_bytes_async("images/a.png", PNG)
-    finally:
-        await location.aclose()
-    assert caught.value.retryable and len(scripted_store.received) == azure_blob.ATTEMPTS
+    refused = await _refused_write(_key_options(scripted_store.port), "az://c/run", "HTTP 503 ServerBusy")
+    assert refused.retryable and len(scripted_store.received) == azure_blob.ATTEMPTS
 
 
 async def test_a_request_the_store_calls_bad_is_not_sent_again(scripted_store):
     scripted_store.script = [400]
-    location = _location(_key_options(scripted_store.port), "az://c/run")
-    try:
-        with pytest.raises(BlobUploadError, match="HTTP 400 InvalidHeaderValue"):
-            await location.write_bytes_async("images/a.png", PNG)
-    finally:
-        await location.aclose()
+    await _refused_write(_key_options(scripted_store.port), "az://c/run", "HTTP 400 InvalidHeaderValue")
     assert len(scripted_store.received) == 1
 
 
@@ -259,13 +243,8 @@ async def test_a_store_that_never_answers_is_waited_for_within_a_bound(scripted_
     scripted_store.silent = True
     monkeypatch.setattr(azure_blob, "READ_TIMEOUT_S", 0.5)
     monkeypatch.setattr(azure_blob, "ATTEMPTS", 2)
-    location = _location(_key_options(scripted_store.port), "az://c/run")
     started = time.monotonic()
-    try:
-        with pytest.raises(BlobUploadError, match="Timeout"):
-            await location.write_bytes_async("images/a.png", PNG)
-    finally:
-        await location.aclose()
+    await _refused_write(_key_options(scripted_store.port), "az://c/run", "Timeout")
     assert time.monotonic() - started < 2 * 0.5 + 1 + 2  # two read timeouts, one wait, slack
     assert len(scripted_store.received) == 2
 
